@@ -1,0 +1,191 @@
+"""The online phase (SPEC "Phase 2", "The attack"): accumulative poisoning of a learner, then the trigger.
+
+The authors' command lines run unchanged, e.g. (run_st.sh):
+  python online_accu_train.py --batch_size 100 --epoch 100 --test_batch_size 500 --resume checkpoints_base_bn \
+      --use_bn --model_name epoch40.pth --mode eval --onlinemode train --lr 1e-1 --momentum 0.9 --beta 1. \
+      --only_reg --threshold 0.18 --use_advtrigger --med ST
+Results: <--out>/config.json, steps.jsonl (one line per arriving batch) and summary.json.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+from typing import Sequence
+
+import numpy as np
+import torch
+import torchvision
+
+from utils.checkpoint import check_spec, load_checkpoint, model_from_checkpoint
+from utils.data import DATASETS, get_data
+from utils.defenses import DEFENDERS, Learner, get_defender
+from utils.errors import UserError, run_cli
+from utils.models import ARCHS
+from utils.online import OnlineConfig, Stream, run_online_phase
+from utils.results import ensure_dir, write_json
+from utils.train import get_device, set_seed
+
+NO_EFFECT = "accepted for the authors' command lines; no effect"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument_group("the authors' flags")
+    a.add_argument("--batch_size", default=100, type=int, help="arriving batch size")
+    a.add_argument("--epochs", "--epoch", dest="epochs", default=1, type=int,
+                   help="length of the accumulative phase in batches (0: the trigger alone)")
+    a.add_argument("--test_batch_size", default=500, type=int,
+                   help="size of the attacker's validation batch (first batch of a seeded shuffled test set)")
+    a.add_argument("--log_name", default="log.txt", help="name of the text log inside --out")
+    a.add_argument("--resume", default="checkpoints_base_bn", help="burn-in checkpoint folder")
+    a.add_argument("--model_name", default="epoch40.pth", help="online model's checkpoint in --resume")
+    a.add_argument("--use_bn", action="store_true",
+                   help="assert the checkpoint uses BatchNorm (the checkpoint decides the norm either way)")
+    a.add_argument("--group_norm", default=None, type=int,
+                   help="assert the checkpoint uses GroupNorm (the checkpoint decides the norm either way)")
+    a.add_argument("--mode", default="eval", choices=["eval", "train"], help="model mode while crafting")
+    a.add_argument("--onlinemode", default="train", choices=["eval", "train"], help="model mode while learning")
+    a.add_argument("--lr", default=0.01, type=float, help="online SGD learning rate")
+    a.add_argument("--momentum", default=0.0, type=float)
+    a.add_argument("--weight_decay", default=0.0, type=float)
+    a.add_argument("--beta", default=1.0, type=float, help=NO_EFFECT + " (unused in the authors' code too)")
+    a.add_argument("--gamma", default=1.0, type=float, help="weight γ of the clean-gradient term")
+    a.add_argument("--only_reg", action="store_true", help="objective γ·nrm(g_t) + nrm(s) (the default)")
+    a.add_argument("--only_normal", action="store_true", help="objective γ·nrm(g_t) alone")
+    a.add_argument("--only_second", action="store_true", help="objective nrm(s) alone")
+    a.add_argument("--threshold", default=0.18, type=float, help="stop the accumulative phase once the "
+                   "test error exceeds this (absolute)")
+    a.add_argument("--use_advtrigger", action="store_true", help="craft the poisoned trigger (else the "
+                   "trigger is the clean batch)")
+    a.add_argument("--use_online_advtrigger", action="store_true",
+                   help="re-craft the trigger after every step (from the clean trigger batch)")
+    a.add_argument("--poison_scale", default=1.0, type=float, help="fraction of each batch poisoned")
+    a.add_argument("--epsilon", default=0.2, type=float, help="L∞ budget in [0, 1] pixel units")
+    a.add_argument("--num-steps", "--num_steps", dest="num_steps", default=2, type=int,
+                   help="signed steps per crafted batch (step size 2ε/K)")
+    a.add_argument("--niter", default=1, type=int, help="SGD steps on the trigger batch")
+    a.add_argument("--seed", default=20, type=int)
+    a.add_argument("--shuffle", action="store_true", help="draw the stream from a seeded shuffle of the "
+                   "training set (default: dataset order, as the authors)")
+    a.add_argument("--clip_gradnorm", action="store_true", help="clip each online gradient's inf-norm "
+                   "to --clipvalue (as the authors)")
+    a.add_argument("--clipvalue", default=0.01, type=float)
+    a.add_argument("--roundsign", action="store_true", help="treat gradient components below 5e-4 as 0 "
+                   "in the signed steps")
+    a.add_argument("--med", default="ST", help=f"defence: {', '.join(DEFENDERS)} (OURS = DSC)")
+    a.add_argument("--dataroot", default="data", help="dataset folder (torchvision layout)")
+    a.add_argument("--workers", default=0, type=int, help=NO_EFFECT)
+    a.add_argument("--distance", default="linf", choices=["linf"], help="threat model (only linf)")
+    n = p.add_argument_group("this project's flags")
+    n.add_argument("--dataset", default=None, help=f"assert the dataset ({', '.join(DATASETS)}); default: "
+                   "the checkpoint's")
+    n.add_argument("--arch", default=None, help=f"assert the arch ({', '.join(ARCHS)}); default: the checkpoint's")
+    n.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    n.add_argument("--no_download", action="store_true", help="never download datasets")
+    n.add_argument("--out", default=None, help="results folder (default: runs/<dataset>_<arch>_<med>_s<seed>_<time>)")
+    n.add_argument("--overwrite", action="store_true", help="replace results already in --out")
+    n.add_argument("--reuse_first_batch", action="store_true",
+                   help="the authors' stream: every arriving batch and the trigger are the first batch, re-augmented")
+    n.add_argument("--no_stream_augment", action="store_true",
+                   help="stream batches unaugmented (default: training augmentation, as the authors)")
+    n.add_argument("--no_poison", action="store_true", help="control: the accumulative phase sees clean batches")
+    n.add_argument("--threshold_delta", default=None, type=float,
+                   help="stop once the test error exceeds the burn-in error + this (replaces --threshold)")
+    n.add_argument("--eval_subset", default=0, type=int, help="evaluate a fixed subset of this many test "
+                   "samples during the phase (0: full set; before/after the trigger always use the full set)")
+    n.add_argument("--no_alignment", action="store_true", help="do not log A(g_trigger, g_val) per batch")
+    n.add_argument("--debug", action="store_true", help="show Python tracebacks")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    chosen = [o for o in ("reg", "normal", "second") if getattr(args, f"only_{o}")]
+    if len(chosen) > 1:
+        raise UserError("give at most one of --only_reg, --only_normal, --only_second")
+    args.objective = chosen[0] if chosen else "reg"
+    if not 0.0 <= args.epsilon <= 1.0:
+        raise UserError(f"--epsilon must lie in [0, 1] (pixel units), got {args.epsilon}")
+    if not 0.0 <= args.poison_scale <= 1.0:
+        raise UserError(f"--poison_scale must lie in [0, 1], got {args.poison_scale}")
+    for name in ("epochs", "num_steps", "niter", "eval_subset"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name.replace('_', '-') if name == 'num_steps' else name} must be >= 0, "
+                            f"got {getattr(args, name)}")
+    for name in ("batch_size", "test_batch_size"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.lr <= 0:
+        raise UserError(f"--lr must be positive, got {args.lr}")
+    if args.dataset is not None and args.dataset not in DATASETS:
+        raise UserError(f"unknown dataset {args.dataset!r}; known datasets: {', '.join(DATASETS)}")
+    if args.arch is not None and args.arch not in ARCHS:
+        raise UserError(f"unknown arch {args.arch!r}; known archs: {', '.join(ARCHS)}")
+    args.med, _ = get_defender(args.med)
+    return args
+
+
+def environment() -> dict:
+    """Library versions and machine, for config.json."""
+    return {"torch": torch.__version__, "torchvision": torchvision.__version__, "numpy": np.__version__,
+            "python": platform.python_version(), "platform": platform.platform()}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = get_device(args.device)
+    path = os.path.join(args.resume, args.model_name)
+    ckpt = load_checkpoint(path)
+    model, spec = model_from_checkpoint(ckpt, path)
+    check_spec(spec, path, dataset=args.dataset, arch=args.arch,
+               norm="bn" if args.use_bn else ("gn" if args.group_norm else None))
+    out = args.out or os.path.join("runs", f"{spec.dataset}_{spec.arch}_{args.med}_s{args.seed}_"
+                                           f"{time.strftime('%Y%m%d-%H%M%S')}")
+    ensure_dir(out)
+    if not args.overwrite and any(os.path.exists(os.path.join(out, f)) for f in ("steps.jsonl", "summary.json")):
+        raise UserError(f"{out!r} already holds results; pass --overwrite or choose another --out")
+    for f in ("steps.jsonl", "summary.json"):
+        if os.path.exists(os.path.join(out, f)):
+            os.remove(os.path.join(out, f))
+    set_seed(args.seed)
+    data = get_data(spec.dataset, args.dataroot, device, download=not args.no_download)
+    if args.test_batch_size > len(data.test):
+        raise UserError(f"--test_batch_size {args.test_batch_size} is larger than the test set ({len(data.test)})")
+    model.to(device)
+    generator = torch.Generator().manual_seed(args.seed)
+    val_idx = torch.randperm(len(data.test), generator=generator)[:args.test_batch_size]
+    x_val, y_val = data.test.batch(val_idx)
+    stream = Stream(data.train, args.batch_size, shuffle=args.shuffle, reuse_first=args.reuse_first_batch,
+                    augment=None if args.no_stream_augment else data.info, generator=generator)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
+    _, defender = get_defender(args.med)
+    learner = Learner(model, optimizer, args.onlinemode, args.clipvalue if args.clip_gradnorm else None)
+    err_ckpt = ckpt.get("err_cls")
+    threshold = args.threshold if args.threshold_delta is None else err_ckpt + args.threshold_delta
+    cfg = OnlineConfig(steps=args.epochs, threshold=threshold, craft_mode=args.mode, epsilon=args.epsilon,
+                       num_steps=args.num_steps, gamma=args.gamma, objective=args.objective,
+                       round_sign=args.roundsign, poison_scale=args.poison_scale,
+                       use_advtrigger=args.use_advtrigger, use_online_advtrigger=args.use_online_advtrigger,
+                       no_poison=args.no_poison, niter=args.niter, eval_subset=args.eval_subset,
+                       log_alignment=not args.no_alignment)
+    config = {"args": vars(args), "online": vars(cfg), "checkpoint": path, "model": spec.to_dict(),
+              "checkpoint_epoch": ckpt.get("epoch"), "checkpoint_err": err_ckpt, "device": str(device),
+              "val_indices": val_idx.tolist(), "trigger_indices": stream.indices(0).tolist(),
+              "environment": environment()}
+    write_json(os.path.join(out, "config.json"), config)
+    summary = run_online_phase(cfg, learner, defender, stream, data.test, x_val, y_val, out, generator)
+    line = (f"[{args.med}] burn-in err {summary['err_burn_in']:.4f} | after {summary['steps']} steps "
+            f"({summary['stop_reason']}) {summary['err_before_trigger']:.4f} | after trigger "
+            f"{summary['err_after_trigger']:.4f} | delta {summary['delta']:+.4f} | {summary['total_seconds']:.1f} s"
+            f" | results in {out}")
+    print(line)
+    with open(os.path.join(out, args.log_name), "a") as f:
+        f.write(line + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

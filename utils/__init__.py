@@ -1,0 +1,1 @@
+"""Library behind the scripts: data, models, checkpoints, gradients, the online loop pieces."""

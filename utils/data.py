@@ -1,0 +1,175 @@
+"""Datasets by name, kept as uint8 tensors on the device, with a small batch loader (SPEC phase 1)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from utils.errors import UserError
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a model and a loader need to know about a dataset."""
+
+    name: str
+    num_classes: int
+    in_channels: int
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    crop_padding: int  # random-crop padding of the training augmentation (0: none)
+    hflip: bool  # random horizontal flip in the training augmentation
+
+
+DATASETS: dict[str, DatasetInfo] = {
+    # CIFAR: the authors' augmentation (random crop, padding 4, horizontal flip) and their mean/std.
+    "cifar10": DatasetInfo("cifar10", 10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010), 4, True),
+    "cifar100": DatasetInfo("cifar100", 100, 3, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), 4, True),
+    # SVHN: digits, so no flip; crop with padding 4 as for CIFAR.
+    "svhn": DatasetInfo("svhn", 10, 3, 32, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970), 4, False),
+    # Fashion-MNIST: clothing is left/right symmetric, so flip; 28-pixel images get padding 2.
+    "fashion-mnist": DatasetInfo("fashion-mnist", 10, 1, 28, (0.2860,), (0.3530,), 2, True),
+}
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    """The DatasetInfo of a dataset name, or a UserError listing the known names."""
+    if name not in DATASETS:
+        raise UserError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
+    return DATASETS[name]
+
+
+@dataclass
+class Split:
+    """One split as tensors: images uint8 (N, C, H, W), labels int64 (N,), on one device."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images in [0, 1] (float32) and labels at the given indices."""
+        idx = idx.to(self.x.device)
+        return self.x[idx].float().div_(255), self.y[idx]
+
+    def to(self, device: torch.device | str) -> "Split":
+        return Split(self.x.to(device), self.y.to(device))
+
+
+def _torchvision_split(name: str, root: str, train: bool, download: bool):
+    import torchvision.datasets as tvd
+
+    if name == "cifar10":
+        return tvd.CIFAR10(root, train=train, download=download)
+    if name == "cifar100":
+        return tvd.CIFAR100(root, train=train, download=download)
+    if name == "svhn":
+        return tvd.SVHN(os.path.join(root, "svhn"), split="train" if train else "test", download=download)
+    if name == "fashion-mnist":
+        return tvd.FashionMNIST(root, train=train, download=download)
+    raise AssertionError(name)
+
+
+def _to_split(name: str, ds) -> Split:
+    if name in ("cifar10", "cifar100"):
+        x = torch.as_tensor(ds.data).permute(0, 3, 1, 2).contiguous()
+        y = torch.as_tensor(ds.targets, dtype=torch.long)
+    elif name == "svhn":
+        x = torch.as_tensor(ds.data).contiguous()
+        y = torch.as_tensor(ds.labels, dtype=torch.long)
+    else:  # fashion-mnist
+        x = ds.data.unsqueeze(1).contiguous()
+        y = ds.targets.long()
+    return Split(x.to(torch.uint8), y)
+
+
+def load_split(name: str, root: str = "data", train: bool = True, download: bool = True) -> Split:
+    """One split of a dataset as uint8 tensors on the CPU, read by torchvision's own dataset class."""
+    dataset_info(name)
+    hint = ("run `make data` (it installs Debian's dataset-fashion-mnist and unpacks it under data/)"
+            if name == "fashion-mnist" else
+            "check --dataroot, or allow the download (drop --no_download) on a machine with internet access")
+    try:
+        ds = _torchvision_split(name, root, train, download)
+    except Exception as e:  # torchvision raises RuntimeError (missing/corrupt) or URLError (offline)
+        raise UserError(f"could not load {name} ({'train' if train else 'test'}) from {root!r}: {e}. "
+                        f"To fix: {hint}") from e
+    return _to_split(name, ds)
+
+
+def augment_batch(x: torch.Tensor, info: DatasetInfo, generator: torch.Generator) -> torch.Tensor:
+    """Random crop with zero padding and random horizontal flip, per sample (SPEC phase 1)."""
+    n, c, h, w = x.shape
+    p = info.crop_padding
+    if p > 0:
+        padded = F.pad(x, (p, p, p, p))
+        dy = torch.randint(0, 2 * p + 1, (n,), generator=generator).to(x.device)
+        dx = torch.randint(0, 2 * p + 1, (n,), generator=generator).to(x.device)
+        rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+        cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+        x = padded[torch.arange(n, device=x.device)[:, None, None, None],
+                   torch.arange(c, device=x.device)[None, :, None, None], rows, cols]
+    if info.hflip:
+        flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+        x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    return x
+
+
+class BatchLoader:
+    """Batches of a Split in [0, 1]: optional seeded shuffling and augmentation; data never leaves its device."""
+
+    def __init__(self, split: Split, batch_size: int, *, shuffle: bool = False, augment: DatasetInfo | None = None,
+                 generator: torch.Generator | None = None, drop_last: bool = False):
+        if batch_size < 1:
+            raise UserError(f"batch size must be at least 1, got {batch_size}")
+        if batch_size > len(split):
+            raise UserError(f"batch size {batch_size} is larger than the data ({len(split)} samples); "
+                            f"use a smaller --batch_size")
+        self.split, self.batch_size, self.shuffle, self.augment = split, batch_size, shuffle, augment
+        self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        self.drop_last = drop_last
+
+    def __len__(self) -> int:
+        n = len(self.split)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def order(self) -> torch.Tensor:
+        """The sample order of one pass (draws from the generator when shuffling)."""
+        n = len(self.split)
+        return torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = self.order()
+        for i in range(len(self)):
+            x, y = self.split.batch(order[i * self.batch_size:(i + 1) * self.batch_size])
+            if self.augment is not None:
+                x = augment_batch(x, self.augment, self.generator)
+            yield x, y
+
+
+@dataclass
+class Data:
+    """A dataset's info and both splits, on the device."""
+
+    info: DatasetInfo
+    train: Split
+    test: Split
+
+
+def get_data(name: str, root: str = "data", device: torch.device | str = "cpu", download: bool = True) -> Data:
+    """Train and test splits of a dataset by name (cifar10, cifar100, svhn, fashion-mnist), on the device."""
+    info = dataset_info(name)
+    train = load_split(name, root, True, download).to(device)
+    test = load_split(name, root, False, download).to(device)
+    return Data(info, train, test)
+
+
+def train_loader(data: Data, batch_size: int, generator: torch.Generator) -> BatchLoader:
+    """The burn-in loader: shuffled, augmented as the dataset's info says."""
+    return BatchLoader(data.train, batch_size, shuffle=True, augment=data.info, generator=generator)
