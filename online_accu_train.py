@@ -23,7 +23,7 @@ from utils.data import DATASETS, get_data
 from utils.defenses import DEFENDERS, Learner, get_defender
 from utils.errors import UserError, run_cli
 from utils.models import ARCHS
-from utils.online import OnlineConfig, Stream, run_online_phase
+from utils.online import OnlineConfig, Stream, calibrate_dsc, run_online_phase
 from utils.results import ensure_dir, write_json
 from utils.train import get_device, set_seed
 
@@ -97,6 +97,25 @@ def build_parser() -> argparse.ArgumentParser:
                    "samples during the phase (0: full set; before/after the trigger always use the full set)")
     n.add_argument("--no_alignment", action="store_true", help="do not log A(g_trigger, g_val) per batch")
     n.add_argument("--debug", action="store_true", help="show Python tracebacks")
+    m = p.add_argument_group("Memorization Discrepancy and DSC")
+    m.add_argument("--memorized_model", default=None, help="memorized (earlier) checkpoint; default: "
+                   "<--resume>/epoch20.pth. Needed by DSC; for ST/AT it only adds the MD measurements")
+    m.add_argument("--no_md", action="store_true", help="do not measure MD (ST/AT)")
+    m.add_argument("--dsc_tau0", default=0.5, type=float, help="τ0 of τ_t = τ0 + κ·t")
+    m.add_argument("--dsc_kappa", default=0.02, type=float, help="κ of τ_t = τ0 + κ·t")
+    m.add_argument("--dsc_calibrate", default=0.0, type=float, metavar="Q",
+                   help="our extension: τ0 := the Q-quantile (0<Q<1) of the mean MD of clean held-out test "
+                   "batches at the start, κ scaled by the same factor (0: off, the paper's constants)")
+    m.add_argument("--dsc_calibrate_batches", default=20, type=int)
+    m.add_argument("--dsc_epsilon", default=0.2, type=float, help="DSC correction radius")
+    m.add_argument("--dsc_step", default=0.02, type=float, help="DSC step size")
+    m.add_argument("--dsc_max_steps", default=10, type=int)
+    t = p.add_argument_group("adversarial training (AT)")
+    t.add_argument("--at_epsilon", default=0.2, type=float, help="PGD radius")
+    t.add_argument("--at_step", default=0.02, type=float, help="PGD step size")
+    t.add_argument("--at_steps", default=10, type=int, help="PGD steps (no random start)")
+    t.add_argument("--at_descent_kl", action="store_true", help="the authors' AT: steps that descend "
+                   "CE + KL instead of ascending CE")
     return p
 
 
@@ -108,9 +127,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.objective = chosen[0] if chosen else "reg"
     if not 0.0 <= args.epsilon <= 1.0:
         raise UserError(f"--epsilon must lie in [0, 1] (pixel units), got {args.epsilon}")
+    for name in ("dsc_epsilon", "at_epsilon"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            raise UserError(f"--{name} must lie in [0, 1] (pixel units), got {getattr(args, name)}")
+    if not 0.0 <= args.dsc_calibrate < 1.0:
+        raise UserError(f"--dsc_calibrate must lie in [0, 1) (0: off), got {args.dsc_calibrate}")
     if not 0.0 <= args.poison_scale <= 1.0:
         raise UserError(f"--poison_scale must lie in [0, 1], got {args.poison_scale}")
-    for name in ("epochs", "num_steps", "niter", "eval_subset"):
+    for name in ("epochs", "num_steps", "niter", "eval_subset", "dsc_max_steps", "at_steps"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-') if name == 'num_steps' else name} must be >= 0, "
                             f"got {getattr(args, name)}")
@@ -131,6 +155,24 @@ def environment() -> dict:
     """Library versions and machine, for config.json."""
     return {"torch": torch.__version__, "torchvision": torchvision.__version__, "numpy": np.__version__,
             "python": platform.python_version(), "platform": platform.platform()}
+
+
+def load_memorized(args: argparse.Namespace, spec) -> tuple[torch.nn.Module | None, str]:
+    """The memorized model (SPEC "Memorization Discrepancy"); None with a printed note when ST/AT lack it."""
+    path = args.memorized_model or os.path.join(args.resume, "epoch20.pth")
+    if args.no_md and args.med != "DSC":
+        return None, path
+    if not os.path.isfile(path) and args.med != "DSC" and args.memorized_model is None:
+        print(f"note: no memorized model at {path!r}: MD is not measured (pass --memorized_model to measure it)")
+        return None, path
+    ckpt = load_checkpoint(path)
+    memorized, mspec = model_from_checkpoint(ckpt, path)
+    for key in ("arch", "dataset", "num_classes", "in_channels", "norm", "width"):
+        if getattr(mspec, key) != getattr(spec, key):
+            raise UserError(f"the memorized model {path!r} has {key}={getattr(mspec, key)!r} but the online model "
+                            f"has {key}={getattr(spec, key)!r}; pass --memorized_model from the same burn-in run")
+    memorized.eval()
+    return memorized, path
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -162,7 +204,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
     _, defender = get_defender(args.med)
+    memorized, memorized_path = load_memorized(args, spec)
+    if memorized is not None:
+        memorized.to(device)
     learner = Learner(model, optimizer, args.onlinemode, args.clipvalue if args.clip_gradnorm else None)
+    learner.extras["memorized"] = memorized
+    learner.extras["at"] = {"epsilon": args.at_epsilon, "step_size": args.at_step, "steps": args.at_steps,
+                            "descend_with_kl": args.at_descent_kl}
+    dsc = {"tau0": args.dsc_tau0, "kappa": args.dsc_kappa, "epsilon": args.dsc_epsilon,
+           "step_size": args.dsc_step, "max_steps": args.dsc_max_steps, "calibrated": False}
+    if args.dsc_calibrate and memorized is not None:
+        cal = calibrate_dsc(model, memorized, data.test, args.batch_size, args.dsc_calibrate,
+                            args.dsc_calibrate_batches, torch.Generator().manual_seed(args.seed + 2))
+        scale = cal["tau0"] / args.dsc_tau0
+        dsc.update(tau0=cal["tau0"], kappa=args.dsc_kappa * scale, calibrated=True,
+                   clean_batch_md=cal["clean_batch_md"])
+        print(f"DSC calibrated: tau0 {dsc['tau0']:.4f}, kappa {dsc['kappa']:.5f} "
+              f"(quantile {args.dsc_calibrate} of {args.dsc_calibrate_batches} clean batches)")
+    learner.extras["dsc"] = dsc
     err_ckpt = ckpt.get("err_cls")
     threshold = args.threshold if args.threshold_delta is None else err_ckpt + args.threshold_delta
     cfg = OnlineConfig(steps=args.epochs, threshold=threshold, craft_mode=args.mode, epsilon=args.epsilon,
@@ -172,7 +231,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                        no_poison=args.no_poison, niter=args.niter, eval_subset=args.eval_subset,
                        log_alignment=not args.no_alignment)
     config = {"args": vars(args), "online": vars(cfg), "checkpoint": path, "model": spec.to_dict(),
-              "checkpoint_epoch": ckpt.get("epoch"), "checkpoint_err": err_ckpt, "device": str(device),
+              "checkpoint_epoch": ckpt.get("epoch"),
+              "memorized_model": memorized_path if memorized is not None else None, "dsc": dsc, "checkpoint_err": err_ckpt, "device": str(device),
               "val_indices": val_idx.tolist(), "trigger_indices": stream.indices(0).tolist(),
               "environment": environment()}
     write_json(os.path.join(out, "config.json"), config)

@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 
 from utils.checkpoint import check_spec, load_checkpoint, model_from_checkpoint, save_checkpoint
-from utils.data import DATASETS, get_data, train_loader
+from utils.data import DATASETS, dataset_info, get_data, train_loader
 from utils.errors import UserError, run_cli
 from utils.models import ARCHS, build_model, model_spec
 from utils.results import append_jsonl, ensure_dir
@@ -84,11 +84,12 @@ def log(outf: str, line: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     device = get_device(args.device)
+    info = dataset_info(args.dataset)
+    norm = "gn" if args.group_norm > 0 else "bn"
+    spec = model_spec(args.arch, info, norm, args.group_norm or 32, args.width)
     ensure_dir(args.outf)
     set_seed(args.seed)
     data = get_data(args.dataset, args.dataroot, device, download=not args.no_download)
-    norm = "gn" if args.group_norm > 0 else "bn"
-    spec = model_spec(args.arch, data.info, norm, args.group_norm or 32, args.width)
     model = build_model(spec).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
@@ -103,6 +104,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         model.load_state_dict(resumed.state_dict())
         if ckpt.get("optimizer") is None or ckpt.get("rng") is None:
             raise UserError(f"{path!r} has no optimizer/RNG state and cannot be resumed from")
+        for key in ("batch_size", "lr", "momentum", "weight_decay", "seed"):
+            before = ckpt.get("args", {}).get(key)
+            if before is not None and before != getattr(args, key):
+                raise UserError(f"--resume: the run in {path!r} used --{key} {before}, this command gives "
+                                f"{getattr(args, key)}; resume with the same flags (or start a new --outf)")
         optimizer.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["rng"]["torch"])
         generator.set_state(ckpt["rng"]["loader"])

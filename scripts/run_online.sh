@@ -4,6 +4,7 @@
 #   DATASET, ARCH   assert the checkpoint's dataset / arch        CKPT   checkpoint folder (checkpoints_base_bn)
 #   MODEL           online checkpoint (epoch40.pth)               DEVICE cpu | cuda | cuda:N
 #   EPOCHS          accumulative steps (100)                      OUT    results folder
+#   MEMORIZED       memorized checkpoint for MD / DSC (default <CKPT>/epoch20.pth)
 #   PY              python interpreter (.venv/bin/python if present)   EXTRA  more flags
 set -euo pipefail
 med=$1; shift
@@ -19,6 +20,7 @@ args=(--batch_size 100 --epoch "${EPOCHS:-100}" --test_batch_size 500 --log_name
 [ -n "${ARCH:-}" ] && args+=(--arch "$ARCH")
 [ -n "${DEVICE:-}" ] && args+=(--device "$DEVICE")
 [ -n "${OUT:-}" ] && args+=(--out "$OUT")
+[ -n "${MEMORIZED:-}" ] && args+=(--memorized_model "$MEMORIZED")
 # shellcheck disable=SC2206
 [ -n "${EXTRA:-}" ] && args+=($EXTRA)
 exec "$PY" online_accu_train.py "${args[@]}" "$@"

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import tempfile
 from typing import Any
 
@@ -57,8 +58,11 @@ def load_checkpoint(path: str) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(e).splitlines()]
+        detail = next((line for line in lines if "Unsupported global" in line or "Unsupported operand" in line),
+                      lines[0] if lines else "")
         raise UserError(f"checkpoint {path!r} holds objects that are not plain data and was refused "
-                        f"(weights_only=True): {str(e).splitlines()[0]}. Only load checkpoints you trust, "
+                        f"(loaded with weights_only=True; {detail}). Only load checkpoints you trust, "
                         f"written by train_cifar.py") from e
     except Exception as e:
         raise UserError(f"checkpoint {path!r} is corrupt or truncated ({type(e).__name__}: {e}); "

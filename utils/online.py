@@ -13,6 +13,9 @@ from tqdm import tqdm
 from attack_generator import craft_accumulative_poison, craft_poisoned_trigger, trigger_alignment
 from utils.data import DatasetInfo, Split, augment_batch
 from utils.defenses import Defender, Learner
+from utils.discrepancy import memorization_discrepancy
+from utils.grads import project_linf
+from utils.metrics import auroc
 from utils.errors import UserError
 from utils.results import append_jsonl, write_json
 from utils.train import evaluate
@@ -92,8 +95,29 @@ def _poison_mask(n: int, scale: float, generator: torch.Generator, device: torch
     return mask.to(device)
 
 
+def _auroc_or_none(pos: list[torch.Tensor], neg: list[torch.Tensor]) -> float | None:
+    if not pos or not neg:
+        return None
+    p, n = torch.cat(pos), torch.cat(neg)
+    return auroc(p.numpy(), n.numpy()) if len(p) and len(n) else None
+
+
 def _mix(poisoned: torch.Tensor, clean: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask.view(-1, *([1] * (clean.dim() - 1))), poisoned, clean)
+
+
+def sign_noise(x: torch.Tensor, epsilon: float, generator: torch.Generator) -> torch.Tensor:
+    """x + ε·(random ±1 per pixel), in [0, 1]: the equal-size-perturbation control for MD."""
+    signs = torch.randint(0, 2, x.shape, generator=generator).to(x.device, x.dtype).mul_(2).sub_(1)
+    return project_linf(x + epsilon * signs, x, epsilon)
+
+
+def calibrate_dsc(model: torch.nn.Module, memorized: torch.nn.Module, split: Split, batch_size: int,
+                  quantile: float, batches: int, generator: torch.Generator) -> dict:
+    """τ0 = the given quantile of the mean MD of clean held-out batches (our extension to SPEC "DSC")."""
+    idx = torch.randperm(len(split), generator=generator)[:batches * batch_size].view(batches, -1)
+    means = torch.stack([memorization_discrepancy(model, memorized, split.batch(i)[0]).mean() for i in idx])
+    return {"tau0": torch.quantile(means.cpu(), quantile).item(), "clean_batch_md": means.tolist()}
 
 
 def run_online_phase(cfg: OnlineConfig, learner: Learner, defender: Defender, stream: Stream, test: Split,
@@ -125,6 +149,11 @@ def run_online_phase(cfg: OnlineConfig, learner: Learner, defender: Defender, st
     set_craft_mode()
     align0 = trigger_alignment(model, x_tri, y_tri, x_val, y_val) if cfg.log_alignment else None
     steps_path = os.path.join(out, "steps.jsonl")
+    md_path = os.path.join(out, "md.jsonl")
+    memorized = learner.extras.get("memorized")
+    md_all: dict[str, list[torch.Tensor]] = {"poison": [], "clean": [], "noise": []}
+    dsc_steps: list[float] = []
+    noise_gen = torch.Generator().manual_seed(generator.initial_seed() + 1)  # the stream's draws stay the same
     stop_reason, err, taken = "epochs", err_burn_in, 0
     bar = tqdm(total=cfg.steps, desc="online", dynamic_ncols=True, disable=None)
     stream_iter = iter(stream)
@@ -140,7 +169,20 @@ def run_online_phase(cfg: OnlineConfig, learner: Learner, defender: Defender, st
                                               round_sign=cfg.round_sign)
             x_in = _mix(x_adv, x, mask)
         t1 = time.time()
+        md_means = {}
+        if memorized is not None:
+            noisy = _mix(sign_noise(x, cfg.epsilon, noise_gen), x, mask)
+            md = {"poison": memorization_discrepancy(model, memorized, x_in)[mask],
+                  "clean": memorization_discrepancy(model, memorized, x),
+                  "noise": memorization_discrepancy(model, memorized, noisy)[mask]}
+            for key, v in md.items():
+                md_all[key].append(v.cpu())
+                md_means[f"md_{key}"] = v.mean().item()
+            append_jsonl(md_path, {"t": t, **{key: v.tolist() for key, v in md.items()}})
+        t1b = time.time()
         info = defender(learner, x_in, y, t, 1)
+        if "dsc_steps" in info:
+            dsc_steps.append(info["dsc_steps"])
         t2 = time.time()
         err = evaluate(model, eval_split, cfg.eval_batch_size)
         t3 = time.time()
@@ -151,7 +193,8 @@ def run_online_phase(cfg: OnlineConfig, learner: Learner, defender: Defender, st
             raise UserError(f"the model's weights became NaN/inf at online step {t}; lower --lr or use "
                             f"--clip_gradnorm")
         append_jsonl(steps_path, {"t": t, "batch": k, "test_err": err, "alignment": align,
-                                  "craft_s": t1 - t0, "defend_s": t2 - t1, "eval_s": t3 - t2, **info})
+                                  "craft_s": t1 - t0, "md_s": t1b - t1, "defend_s": t2 - t1b, "eval_s": t3 - t2,
+                                  **md_means, **info})
         bar.update(1)
         bar.set_postfix(err=f"{err:.4f}")
         if err > cfg.threshold:
@@ -179,6 +222,11 @@ def run_online_phase(cfg: OnlineConfig, learner: Learner, defender: Defender, st
         "threshold": cfg.threshold,
         "alignment_start": align0,
         "alignment_end": align_end,
+        "md_measured": memorized is not None,
+        "md_auroc_poison_vs_clean": _auroc_or_none(md_all["poison"], md_all["clean"]),
+        "md_auroc_poison_vs_noise": _auroc_or_none(md_all["poison"], md_all["noise"]),
+        "md_mean": {k: (torch.cat(v).mean().item() if v else None) for k, v in md_all.items()},
+        "dsc_mean_steps": sum(dsc_steps) / len(dsc_steps) if dsc_steps else None,
         "trigger_step_s": trigger_s,
         "trigger_info": info,
         "total_seconds": time.time() - started,

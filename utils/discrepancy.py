@@ -1,0 +1,24 @@
+"""Memorization Discrepancy (SPEC "Memorization Discrepancy", Zhu et al.)."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from utils.grads import preserved_state
+
+
+def md_from_logits(logits_current: torch.Tensor, logits_memorized: torch.Tensor) -> torch.Tensor:
+    """KL(p_mem ‖ p_cur) per sample from the two models' logits (SPEC "Memorization Discrepancy")."""
+    log_p_mem = F.log_softmax(logits_memorized, dim=1)
+    log_p_cur = F.log_softmax(logits_current, dim=1)
+    return (log_p_mem.exp() * (log_p_mem - log_p_cur)).sum(dim=1)
+
+
+@torch.no_grad()
+def memorization_discrepancy(model: nn.Module, memorized_model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """MD(x) = KL(p(x; θ_mem) ‖ p(x; θ_t)) per sample, both models in eval mode (SPEC "Memorization Discrepancy")."""
+    with preserved_state(model), preserved_state(memorized_model):
+        model.eval()
+        memorized_model.eval()
+        return md_from_logits(model(x), memorized_model(x)).clamp_min_(0.0)
