@@ -5,8 +5,6 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 FMNIST := data/FashionMNIST/raw/train-images-idx3-ubyte
-CKPT   ?= checkpoints/fashion-mnist_cnn
-EPOCHS ?= 10
 
 .PHONY: demo test venv data clean-venv
 
@@ -22,13 +20,10 @@ data: $(FMNIST)
 $(FMNIST):
 	bash scripts/fetch_fashion_mnist.sh data
 
-# CPU scale: burn-in of the small CNN on real Fashion-MNIST (resumed if interrupted, skipped if done),
-# then the online phase under accumulative poisoning with standard training.
+# The CPU-scale reproduction: burn-in of the small CNN on real Fashion-MNIST (reused when done, resumed when
+# interrupted), then ST / AT / DSC under attack with controls, 3 seeds; table and plots in results/cpu/.
 demo: $(STAMP) $(FMNIST)
-	@if [ -f $(CKPT)/last.pth ]; then resume=--resume; else resume=; fi; \
-	$(PY) train_cifar.py --dataset fashion-mnist --arch cnn --epochs $(EPOCHS) --save_freq 5 \
-	    --outf $(CKPT) --device cpu $$resume
-	PY=$(PY) CKPT=$(CKPT) MODEL=epoch$(EPOCHS).pth DEVICE=cpu OUT=runs/demo_st EXTRA="--overwrite" bash run_st.sh
+	$(PY) reproduce.py --preset cpu
 
 test: $(STAMP) $(FMNIST)
 	$(PY) -m pytest -q tests

@@ -24,10 +24,12 @@ from utils.defenses import DEFENDERS, Learner, get_defender
 from utils.errors import UserError, run_cli
 from utils.models import ARCHS
 from utils.online import OnlineConfig, Stream, calibrate_dsc, run_online_phase
+from utils.repro import set_deterministic
 from utils.results import ensure_dir, write_json
 from utils.train import get_device, set_seed
 
 NO_EFFECT = "accepted for the authors' command lines; no effect"
+RESULTS = ("steps.jsonl", "md.jsonl", "summary.json")  # what a run writes besides config.json and the log
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--eval_subset", default=0, type=int, help="evaluate a fixed subset of this many test "
                    "samples during the phase (0: full set; before/after the trigger always use the full set)")
     n.add_argument("--no_alignment", action="store_true", help="do not log A(g_trigger, g_val) per batch")
+    n.add_argument("--deterministic", action="store_true", help="deterministic kernels only (slower on CUDA; "
+                   "see utils/repro.py)")
     n.add_argument("--debug", action="store_true", help="show Python tracebacks")
     m = p.add_argument_group("Memorization Discrepancy and DSC")
     m.add_argument("--memorized_model", default=None, help="memorized (earlier) checkpoint; default: "
@@ -138,7 +142,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         if getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-') if name == 'num_steps' else name} must be >= 0, "
                             f"got {getattr(args, name)}")
-    for name in ("batch_size", "test_batch_size"):
+    for name in ("batch_size", "test_batch_size", "dsc_calibrate_batches"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.lr <= 0:
@@ -151,10 +155,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def environment() -> dict:
-    """Library versions and machine, for config.json."""
+def environment(device: torch.device) -> dict:
+    """Library versions, machine and the settings that decide bitwise reproducibility, for config.json."""
     return {"torch": torch.__version__, "torchvision": torchvision.__version__, "numpy": np.__version__,
-            "python": platform.python_version(), "platform": platform.platform()}
+            "python": platform.python_version(), "platform": platform.platform(),
+            "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "threads": torch.get_num_threads(), "deterministic": torch.are_deterministic_algorithms_enabled()}
 
 
 def load_memorized(args: argparse.Namespace, spec) -> tuple[torch.nn.Module | None, str]:
@@ -178,6 +185,8 @@ def load_memorized(args: argparse.Namespace, spec) -> tuple[torch.nn.Module | No
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     device = get_device(args.device)
+    if args.deterministic:
+        set_deterministic(device)
     path = os.path.join(args.resume, args.model_name)
     ckpt = load_checkpoint(path)
     model, spec = model_from_checkpoint(ckpt, path)
@@ -185,12 +194,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                norm="bn" if args.use_bn else ("gn" if args.group_norm else None))
     out = args.out or os.path.join("runs", f"{spec.dataset}_{spec.arch}_{args.med}_s{args.seed}_"
                                            f"{time.strftime('%Y%m%d-%H%M%S')}")
-    ensure_dir(out)
-    if not args.overwrite and any(os.path.exists(os.path.join(out, f)) for f in ("steps.jsonl", "summary.json")):
+    if not args.overwrite and any(os.path.exists(os.path.join(out, f)) for f in RESULTS):
         raise UserError(f"{out!r} already holds results; pass --overwrite or choose another --out")
-    for f in ("steps.jsonl", "summary.json"):
-        if os.path.exists(os.path.join(out, f)):
-            os.remove(os.path.join(out, f))
     set_seed(args.seed)
     data = get_data(spec.dataset, args.dataroot, device, download=not args.no_download)
     if args.test_batch_size > len(data.test):
@@ -234,9 +239,17 @@ def main(argv: Sequence[str] | None = None) -> int:
               "checkpoint_epoch": ckpt.get("epoch"),
               "memorized_model": memorized_path if memorized is not None else None, "dsc": dsc, "checkpoint_err": err_ckpt, "device": str(device),
               "val_indices": val_idx.tolist(), "trigger_indices": stream.indices(0).tolist(),
-              "environment": environment()}
+              "environment": environment(device)}
+    ensure_dir(out)  # only once the flags, checkpoints and data are known to be good
+    for f in RESULTS:
+        if os.path.exists(os.path.join(out, f)):
+            os.remove(os.path.join(out, f))
     write_json(os.path.join(out, "config.json"), config)
-    summary = run_online_phase(cfg, learner, defender, stream, data.test, x_val, y_val, out, generator)
+    try:
+        summary = run_online_phase(cfg, learner, defender, stream, data.test, x_val, y_val, out, generator)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"the finished steps are kept in {os.path.join(out, 'steps.jsonl')!r}, no "
+                                f"summary.json was written; run again with --overwrite") from None
     line = (f"[{args.med}] burn-in err {summary['err_burn_in']:.4f} | after {summary['steps']} steps "
             f"({summary['stop_reason']}) {summary['err_before_trigger']:.4f} | after trigger "
             f"{summary['err_after_trigger']:.4f} | delta {summary['delta']:+.4f} | {summary['total_seconds']:.1f} s"

@@ -18,7 +18,8 @@ from utils.checkpoint import check_spec, load_checkpoint, model_from_checkpoint,
 from utils.data import DATASETS, dataset_info, get_data, train_loader
 from utils.errors import UserError, run_cli
 from utils.models import ARCHS, build_model, model_spec
-from utils.results import append_jsonl, ensure_dir
+from utils.repro import set_deterministic
+from utils.results import append_jsonl, ensure_dir, read_jsonl, write_jsonl
 from utils.train import evaluate, get_device, set_seed, train_epoch
 
 
@@ -49,6 +50,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--clipvalue", default=1.0, type=float)
     p.add_argument("--seed", default=0, type=int)
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    p.add_argument("--deterministic", action="store_true", help="deterministic kernels only (slower on CUDA; "
+                   "see utils/repro.py)")
     p.add_argument("--debug", action="store_true", help="show Python tracebacks")
     args = p.parse_args(argv)
     for name in ("epochs", "save_freq", "batch_size", "test_batch_size"):
@@ -75,6 +78,13 @@ def last_checkpoint(folder: str) -> str:
     return found[-1]
 
 
+def drop_history_after(outf: str, epoch: int) -> None:
+    """On resume: forget the history lines of epochs after the checkpoint (Ctrl-C between line and checkpoint)."""
+    path = os.path.join(outf, "history.jsonl")
+    if os.path.isfile(path):
+        write_jsonl(path, [h for h in read_jsonl(path) if h["epoch"] <= epoch])
+
+
 def log(outf: str, line: str) -> None:
     print(line, flush=True)
     with open(os.path.join(outf, "log.txt"), "a") as f:
@@ -84,10 +94,11 @@ def log(outf: str, line: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     device = get_device(args.device)
+    if args.deterministic:
+        set_deterministic(device)
     info = dataset_info(args.dataset)
     norm = "gn" if args.group_norm > 0 else "bn"
     spec = model_spec(args.arch, info, norm, args.group_norm or 32, args.width)
-    ensure_dir(args.outf)
     set_seed(args.seed)
     data = get_data(args.dataset, args.dataroot, device, download=not args.no_download)
     model = build_model(spec).to(device)
@@ -95,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 weight_decay=args.weight_decay)
     generator = torch.Generator().manual_seed(args.seed)
     loader = train_loader(data, args.batch_size, generator)
-    start = 1
+    start, resumed_from = 1, None
     if args.resume is not None:
         path = last_checkpoint(args.resume or args.outf)
         ckpt = load_checkpoint(path)
@@ -113,26 +124,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_rng_state(ckpt["rng"]["torch"])
         generator.set_state(ckpt["rng"]["loader"])
         start = ckpt["epoch"] + 1
-        log(args.outf, f"resumed from {path} (epoch {ckpt['epoch']}, test error {ckpt['err_cls']:.4f})")
+        resumed_from = f"resumed from {path} (epoch {ckpt['epoch']}, test error {ckpt['err_cls']:.4f})"
+    ensure_dir(args.outf)  # only once the flags, data and checkpoint are known to be good
+    if resumed_from is not None:
+        drop_history_after(args.outf, start - 1)
+        log(args.outf, resumed_from)
     log(args.outf, f"burn-in: {vars(args)} on {device}, {sum(p.numel() for p in model.parameters())} parameters")
     plain_args = {k: v for k, v in vars(args).items()}
-    for epoch in range(start, args.epochs + 1):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(epoch, args.lr)
-        t0 = time.time()
-        loss, acc = train_epoch(model, loader, optimizer, desc=f"epoch {epoch}/{args.epochs}",
-                                clip_gradnorm=args.clipvalue if args.clip_gradnorm else None)
-        err = evaluate(model, data.test, args.test_batch_size)
-        seconds = time.time() - t0
-        log(args.outf, f"epoch {epoch:3d}  loss {loss:.4f}  train acc {acc:.4f}  test err {err:.4f}  "
-                       f"({seconds:.1f} s)")
-        append_jsonl(os.path.join(args.outf, "history.jsonl"),
-                     {"epoch": epoch, "loss": loss, "train_acc": acc, "test_err": err, "seconds": seconds})
-        rng = {"torch": torch.get_rng_state(), "loader": generator.get_state()}
-        save = dict(spec=spec, epoch=epoch, err_cls=err, args=plain_args, optimizer=optimizer, rng=rng)
-        if epoch % args.save_freq == 0:
-            save_checkpoint(os.path.join(args.outf, f"epoch{epoch}.pth"), model, **save)
-        save_checkpoint(os.path.join(args.outf, "last.pth"), model, **save)
+    try:
+        for epoch in range(start, args.epochs + 1):
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(epoch, args.lr)
+            t0 = time.time()
+            loss, acc = train_epoch(model, loader, optimizer, desc=f"epoch {epoch}/{args.epochs}",
+                                    clip_gradnorm=args.clipvalue if args.clip_gradnorm else None)
+            err = evaluate(model, data.test, args.test_batch_size)
+            seconds = time.time() - t0
+            log(args.outf, f"epoch {epoch:3d}  loss {loss:.4f}  train acc {acc:.4f}  test err {err:.4f}  "
+                           f"({seconds:.1f} s)")
+            append_jsonl(os.path.join(args.outf, "history.jsonl"),
+                         {"epoch": epoch, "loss": loss, "train_acc": acc, "test_err": err, "seconds": seconds})
+            rng = {"torch": torch.get_rng_state(), "loader": generator.get_state()}
+            save = dict(spec=spec, epoch=epoch, err_cls=err, args=plain_args, optimizer=optimizer, rng=rng)
+            if epoch % args.save_freq == 0:
+                save_checkpoint(os.path.join(args.outf, f"epoch{epoch}.pth"), model, **save)
+            save_checkpoint(os.path.join(args.outf, "last.pth"), model, **save)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"the checkpoints of finished epochs are kept in {args.outf!r}; continue with the "
+                                f"same command plus --resume") from None
     return 0
 
 

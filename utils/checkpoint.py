@@ -10,6 +10,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from utils.data import DATASETS
 from utils.errors import UserError
 from utils.models import ModelSpec, build_model
 
@@ -17,13 +18,16 @@ FORMAT_VERSION = 1
 
 
 def atomic_write(path: str, write) -> None:
-    """Call ``write(tmp_path)`` then rename onto ``path``: readers never see a half-written file."""
+    """Call ``write(tmp_path)``, flush it to disk, then rename onto ``path``: readers never see a half-written
+    file, even after Ctrl-C or a crash."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
     os.close(fd)
     try:
         write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -67,15 +71,31 @@ def load_checkpoint(path: str) -> dict[str, Any]:
     except Exception as e:
         raise UserError(f"checkpoint {path!r} is corrupt or truncated ({type(e).__name__}: {e}); "
                         f"re-create it with train_cifar.py") from e
-    if not isinstance(ckpt, dict) or "net" not in ckpt or "model" not in ckpt:
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("net"), dict) or not isinstance(ckpt.get("model"), dict):
         raise UserError(f"{path!r} is not a checkpoint of this project (no 'net'/'model' entries); "
                         f"train one with train_cifar.py")
     return ckpt
 
 
 def model_from_checkpoint(ckpt: dict[str, Any], path: str = "checkpoint") -> tuple[nn.Module, ModelSpec]:
-    """Rebuild the model a checkpoint describes and load its weights."""
-    spec = ModelSpec.from_dict(ckpt["model"])
+    """Rebuild the model a checkpoint describes and load its weights; inconsistent or non-finite ones are refused."""
+    try:
+        spec = ModelSpec.from_dict(ckpt["model"])
+    except (TypeError, KeyError, ValueError) as e:
+        raise UserError(f"{path!r} has a malformed model description ({e}); re-create it with train_cifar.py") from e
+    info = DATASETS.get(spec.dataset)
+    if info is None:
+        raise UserError(f"{path!r} holds a model for an unknown dataset {spec.dataset!r}; known datasets: "
+                        f"{', '.join(DATASETS)}")
+    if (spec.num_classes, spec.in_channels) != (info.num_classes, info.in_channels):
+        raise UserError(f"{path!r} holds a model with {spec.num_classes} classes and {spec.in_channels} input "
+                        f"channels, but {spec.dataset} has {info.num_classes} classes and {info.in_channels} "
+                        f"channels; use a checkpoint that train_cifar.py wrote for {spec.dataset}")
+    bad = [k for k, v in ckpt["net"].items() if torch.is_tensor(v) and v.is_floating_point() and not v.isfinite().all()]
+    if bad:
+        raise UserError(f"the weights in {path!r} contain NaN/inf (in {bad[0]}"
+                        f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}): the run that wrote it diverged; "
+                        f"use an earlier checkpoint or train again with a lower --lr")
     model = build_model(spec)
     try:
         model.load_state_dict(ckpt["net"])

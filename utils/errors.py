@@ -10,7 +10,8 @@ class UserError(ValueError):
 
 
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> None:
-    """Run a script's ``main``: a UserError prints one message and exits 1 (traceback only with --debug)."""
+    """Run a script's ``main``: a UserError prints one message and exits 1, Ctrl-C one line and exits 130
+    (tracebacks only with --debug)."""
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     try:
@@ -20,9 +21,9 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C; a script may re-raise it with a message saying what was kept
         if debug:
             raise
-        print("interrupted: partial results that were complete are kept; re-run to continue", file=sys.stderr)
+        print(f"interrupted: {e or 'results that were complete are kept'}", file=sys.stderr)
         sys.exit(130)
     sys.exit(code or 0)

@@ -33,15 +33,22 @@ def ensure_dir(path: str) -> str:
     return path
 
 
-def write_json(path: str, obj: Any) -> None:
-    """Write ``obj`` as indented JSON, atomically."""
-    text = json.dumps(_plain(obj), indent=2, sort_keys=False) + "\n"
-
+def _write_text(path: str, text: str) -> None:
     def write(tmp: str) -> None:
         with open(tmp, "w") as f:
             f.write(text)
 
     atomic_write(path, write)
+
+
+def write_json(path: str, obj: Any) -> None:
+    """Write ``obj`` as indented JSON, atomically."""
+    _write_text(path, json.dumps(_plain(obj), indent=2, sort_keys=False) + "\n")
+
+
+def write_jsonl(path: str, objs: list[Any]) -> None:
+    """Replace a JSON-lines file with these lines, atomically."""
+    _write_text(path, "".join(json.dumps(_plain(obj)) + "\n" for obj in objs))
 
 
 def append_jsonl(path: str, obj: Any) -> None:
