@@ -16,7 +16,6 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torchvision
 
 from utils.checkpoint import check_spec, load_checkpoint, model_from_checkpoint
 from utils.data import DATASETS, get_data
@@ -157,6 +156,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def environment(device: torch.device) -> dict:
     """Library versions, machine and the settings that decide bitwise reproducibility, for config.json."""
+    import torchvision  # imported here: it is slow to import, and loading the data has imported it already
+
     return {"torch": torch.__version__, "torchvision": torchvision.__version__, "numpy": np.__version__,
             "python": platform.python_version(), "platform": platform.platform(),
             "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
@@ -192,6 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     model, spec = model_from_checkpoint(ckpt, path)
     check_spec(spec, path, dataset=args.dataset, arch=args.arch,
                norm="bn" if args.use_bn else ("gn" if args.group_norm else None))
+    memorized, memorized_path = load_memorized(args, spec)
     out = args.out or os.path.join("runs", f"{spec.dataset}_{spec.arch}_{args.med}_s{args.seed}_"
                                            f"{time.strftime('%Y%m%d-%H%M%S')}")
     if not args.overwrite and any(os.path.exists(os.path.join(out, f)) for f in RESULTS):
@@ -209,7 +211,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
     _, defender = get_defender(args.med)
-    memorized, memorized_path = load_memorized(args, spec)
     if memorized is not None:
         memorized.to(device)
     learner = Learner(model, optimizer, args.onlinemode, args.clipvalue if args.clip_gradnorm else None)

@@ -100,12 +100,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     norm = "gn" if args.group_norm > 0 else "bn"
     spec = model_spec(args.arch, info, norm, args.group_norm or 32, args.width)
     set_seed(args.seed)
-    data = get_data(args.dataset, args.dataroot, device, download=not args.no_download)
     model = build_model(spec).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
     generator = torch.Generator().manual_seed(args.seed)
-    loader = train_loader(data, args.batch_size, generator)
     start, resumed_from = 1, None
     if args.resume is not None:
         path = last_checkpoint(args.resume or args.outf)
@@ -125,6 +123,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         generator.set_state(ckpt["rng"]["loader"])
         start = ckpt["epoch"] + 1
         resumed_from = f"resumed from {path} (epoch {ckpt['epoch']}, test error {ckpt['err_cls']:.4f})"
+    data = get_data(args.dataset, args.dataroot, device, download=not args.no_download)
+    loader = train_loader(data, args.batch_size, generator)
     ensure_dir(args.outf)  # only once the flags, data and checkpoint are known to be good
     if resumed_from is not None:
         drop_history_after(args.outf, start - 1)

@@ -43,6 +43,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--conditions", nargs="+", default=list(CONDITIONS), choices=CONDITIONS)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="results/grid")
+    p.add_argument("--no_run", action="store_true", help="only tabulate: cells with missing runs are left out")
+    p.add_argument("--table", default="table", help="base name of the table files written in --out")
     p.add_argument("--extra", default="", help="more flags for online_accu_train.py, one string")
     p.add_argument("--debug", action="store_true")
     return p.parse_args(argv)
@@ -86,9 +88,12 @@ def fmt(values: list[float]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
-    write_json(os.path.join(args.out, "grid_config.json"), vars(args))
+    write_json(os.path.join(args.out, f"{args.table}_config.json"), vars(args))
     rows = []
     for stream, eps, lr in itertools.product(args.streams, args.eps, args.lr):
+        if args.no_run and not all(os.path.exists(os.path.join(run_dir(args.out, stream, eps, lr, c, s), "summary.json"))
+                                   for c in args.conditions for s in args.seeds):
+            continue
         res = {c: [run_one(args, stream, eps, lr, c, s) for s in args.seeds] for c in args.conditions}
         row = {"stream": stream, "eps": eps, "lr": lr, "seeds": len(args.seeds)}
         first = next(iter(res.values()))
@@ -105,16 +110,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows.append(row)
         print(json.dumps(row), flush=True)
     keys = list(rows[0])
-    with open(os.path.join(args.out, "table.csv"), "w", newline="") as f:
+    with open(os.path.join(args.out, f"{args.table}.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, keys)
         w.writeheader()
         w.writerows(rows)
-    with open(os.path.join(args.out, "table.md"), "w") as f:
+    with open(os.path.join(args.out, f"{args.table}.md"), "w") as f:
         f.write("Errors in % (mean ± std over seeds). *_trigger_drop = error after the trigger step minus "
                 "error before it.\n\n| " + " | ".join(keys) + " |\n|" + "---|" * len(keys) + "\n")
         for r in rows:
             f.write("| " + " | ".join(str(r[k]) for k in keys) + " |\n")
-    print(f"table: {os.path.join(args.out, 'table.md')}")
+    print(f"table: {os.path.join(args.out, args.table + '.md')}")
     return 0
 
 

@@ -28,6 +28,9 @@ def atomic_write(path: str, write) -> None:
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -63,10 +66,11 @@ def load_checkpoint(path: str) -> dict[str, Any]:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(e).splitlines()]
-        detail = next((line for line in lines if "Unsupported global" in line or "Unsupported operand" in line),
-                      lines[0] if lines else "")
-        raise UserError(f"checkpoint {path!r} holds objects that are not plain data and was refused "
-                        f"(loaded with weights_only=True; {detail}). Only load checkpoints you trust, "
+        named = re.search(r"GLOBAL ([\w.]+)", str(e))  # torch's text advises weights_only=False: not repeated
+        detail = (f"it names {named.group(1)}" if named else
+                  next((line for line in lines if "Unsupported" in line), lines[0] if lines else ""))
+        raise UserError(f"checkpoint {path!r} holds objects that are not plain data and was refused ({detail}; "
+                        f"read with weights_only=True, so none of it ran). Only load checkpoints you trust, "
                         f"written by train_cifar.py") from e
     except Exception as e:
         raise UserError(f"checkpoint {path!r} is corrupt or truncated ({type(e).__name__}: {e}); "

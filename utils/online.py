@@ -112,6 +112,12 @@ def sign_noise(x: torch.Tensor, epsilon: float, generator: torch.Generator) -> t
     return project_linf(x + epsilon * signs, x, epsilon)
 
 
+def _check_finite(model: torch.nn.Module, err: float, where: str) -> None:
+    """A diverged model is an error, never a result."""
+    if not math.isfinite(err) or any(not torch.isfinite(p).all() for p in model.parameters()):
+        raise UserError(f"the model's weights became NaN/inf {where}; lower --lr or use --clip_gradnorm")
+
+
 def calibrate_dsc(model: torch.nn.Module, memorized: torch.nn.Module, split: Split, batch_size: int,
                   quantile: float, batches: int, generator: torch.Generator) -> dict:
     """τ0 = the given quantile of the mean MD of clean held-out batches (our extension to SPEC "DSC")."""
@@ -189,9 +195,7 @@ def run_online_phase(cfg: OnlineConfig, learner: Learner, defender: Defender, st
         set_craft_mode()
         align = trigger_alignment(model, x_tri, y_tri, x_val, y_val) if cfg.log_alignment else None
         taken = t + 1
-        if not math.isfinite(err) or any(not torch.isfinite(p).all() for p in model.parameters()):
-            raise UserError(f"the model's weights became NaN/inf at online step {t}; lower --lr or use "
-                            f"--clip_gradnorm")
+        _check_finite(model, err, f"at online step {t}")
         append_jsonl(steps_path, {"t": t, "batch": k, "test_err": err, "alignment": align,
                                   "craft_s": t1 - t0, "md_s": t1b - t1, "defend_s": t2 - t1b, "eval_s": t3 - t2,
                                   **md_means, **info})
@@ -210,6 +214,7 @@ def run_online_phase(cfg: OnlineConfig, learner: Learner, defender: Defender, st
     info = defender(learner, x_tri, y_tri, taken, cfg.niter)
     trigger_s = time.time() - t0
     err_after = evaluate(model, test, cfg.eval_batch_size)
+    _check_finite(model, err_after, "at the trigger step (summary.json not written)")
     summary = {
         "err_burn_in": err_burn_in,
         "err_end_accumulative": err_before,
