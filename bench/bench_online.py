@@ -41,7 +41,7 @@ and goes hits both alike; the speed-ups are taken from these alternated timings:
   clean gradient and the second-order term, which need no graph), computed once per arriving batch as in
   their ``craft_accu``; their projection ``clamp(x0 + clamp(x' - x0, -eps, eps), 0, 1)``;
 * ``recompute``: the same, but the trigger / validation / clean gradients and the second-order term are
-  recomputed inside every one of the K steps;
+  recomputed inside every one of the K steps (the previous step's are dropped first);
 * evaluation: the full test set in float32, batches of 100, through a ``torch.utils.data.DataLoader`` over a
   ``TensorDataset`` each time (their per-sample per-class bookkeeping is timed in a separate row only).
 
@@ -256,6 +256,8 @@ def baseline_craft_accu(model: nn.Module, x_tri: torch.Tensor, y_tri: torch.Tens
         g_train, second = terms()
     for _ in range(num_steps):
         if recompute:
+            # drop the last step's graphs first, else two steps' graphs coexist (ResNet-18 ran out of memory)
+            g_train = second = loss_adv = g_adv = obj = None
             g_train, second = terms()
         with torch.enable_grad():
             loss_adv = F.cross_entropy(model(x_pgd), y)
@@ -465,6 +467,13 @@ def main(argv=None) -> int:
     res_fns: dict[str, Callable[[], object]] = {}
     memory: dict[str, dict] = {}
 
+    def save_partial():
+        """Write what is measured so far (a run killed half-way, e.g. out of memory, leaves its figures)."""
+        if args.json:
+            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+            with open(args.json, "w") as f:
+                json.dump({"partial": True, "env": env, "timings": res, "memory": memory}, f, indent=2)
+
     def run(name, fn, setup=restore, reps=repeats, memory_key=None):
         """Time ``fn``; with ``memory_key``, its first (warm-up) run also records the peak memory."""
         res_fns[name] = fn
@@ -476,12 +485,14 @@ def main(argv=None) -> int:
                 return box[0]
         res[name], outputs[name] = timer(fn, reps, setup, first)
         print(f"  {name:40s} {fmt_ms(res[name]['median_s'])} ms", flush=True)
+        save_partial()
 
     def run_group(items, reps):
         """Time (name, fn) pairs in alternation, round after round."""
         for (name, _), (fig, out) in zip(items, timer.interleaved([fn for _, fn in items], reps, restore)):
             res[name], outputs[name] = fig, out
             print(f"  {name:40s} {fmt_ms(fig['median_s'])} ms", flush=True)
+        save_partial()
 
     prim = Primitives(model)
     # the floor of an evaluation: forward passes at the batch size evaluate really uses
@@ -697,7 +708,7 @@ def main(argv=None) -> int:
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
-            json.dump({"env": env, "timings": res, "floors_s": floors, "floor_formula": floor_formula,
+            json.dump({"partial": False, "env": env, "timings": res, "floors_s": floors, "floor_formula": floor_formula,
                        "ratio_to_floor": {k: med[k] / v for k, v in floors.items()}, "speedups": speedups,
                        "speedup_at_floor": bound,
                        "identity": identity, "memory": memory, "channels_last_comparison": fmt_cmp,

@@ -84,13 +84,14 @@ def make_plots(runs: dict[str, str], folder: str) -> list[str]:
     import json
 
     written = []
+    markers = dict(zip(runs, "os^Dvx"))  # identical runs (e.g. DSC that never corrects = ST) stay visible
     fig, ax = plt.subplots(figsize=(7, 4))
     for label, run in runs.items():
         summary = json.load(open(os.path.join(run, "summary.json")))
         steps = read_jsonl(os.path.join(run, "steps.jsonl")) if os.path.exists(os.path.join(run, "steps.jsonl")) else []
         xs = [0] + [s["t"] + 1 for s in steps]
         acc = [100 * (1 - summary["err_burn_in"])] + [100 * (1 - s["test_err"]) for s in steps]
-        line, = ax.plot(xs, acc, label=label)
+        line, = ax.plot(xs, acc, marker=markers[label], markersize=4, markerfacecolor="none", label=label)
         t = summary["steps"]
         ax.plot([t, t + 1], [100 * (1 - summary["err_before_trigger"]), 100 * (1 - summary["err_after_trigger"])],
                 "v--", color=line.get_color())
@@ -110,7 +111,8 @@ def make_plots(runs: dict[str, str], folder: str) -> list[str]:
         for label, run in md_runs.items():
             rows = read_jsonl(os.path.join(run, "md.jsonl"))
             ts = [r["t"] for r in rows]
-            line, = ax.plot(ts, [np.mean(r["poison"]) for r in rows], label=f"{label}: poisoned batch")
+            line, = ax.plot(ts, [np.mean(r["poison"]) for r in rows], marker=markers[label], markersize=4,
+                            markerfacecolor="none", label=f"{label}: poisoned batch")
             ax.plot(ts, [np.mean(r["clean"]) for r in rows], ":", color=line.get_color(),
                     label=f"{label}: same batch, clean")
         ax.set_xlabel("arriving batch")
