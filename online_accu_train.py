@@ -23,9 +23,8 @@ from utils.defenses import DEFENDERS, Learner, get_defender
 from utils.errors import UserError, run_cli
 from utils.models import ARCHS
 from utils.online import OnlineConfig, Stream, calibrate_dsc, run_online_phase
-from utils.repro import set_deterministic
 from utils.results import ensure_dir, write_json
-from utils.train import get_device, set_seed
+from utils.train import get_device, set_deterministic, set_seed
 
 NO_EFFECT = "accepted for the authors' command lines; no effect"
 RESULTS = ("steps.jsonl", "md.jsonl", "summary.json")  # what a run writes besides config.json and the log
@@ -98,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "samples during the phase (0: full set; before/after the trigger always use the full set)")
     n.add_argument("--no_alignment", action="store_true", help="do not log A(g_trigger, g_val) per batch")
     n.add_argument("--deterministic", action="store_true", help="deterministic kernels only (slower on CUDA; "
-                   "see utils/repro.py)")
+                   "see utils/train.py)")
     n.add_argument("--debug", action="store_true", help="show Python tracebacks")
     m = p.add_argument_group("Memorization Discrepancy and DSC")
     m.add_argument("--memorized_model", default=None, help="memorized (earlier) checkpoint; default: "

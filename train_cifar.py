@@ -18,9 +18,8 @@ from utils.checkpoint import check_spec, load_checkpoint, model_from_checkpoint,
 from utils.data import DATASETS, dataset_info, get_data, train_loader
 from utils.errors import UserError, run_cli
 from utils.models import ARCHS, build_model, model_spec
-from utils.repro import set_deterministic
 from utils.results import append_jsonl, ensure_dir, read_jsonl, write_jsonl
-from utils.train import evaluate, get_device, set_seed, train_epoch
+from utils.train import evaluate, get_device, set_deterministic, set_seed, train_epoch
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -51,7 +50,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", default=0, type=int)
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--deterministic", action="store_true", help="deterministic kernels only (slower on CUDA; "
-                   "see utils/repro.py)")
+                   "see utils/train.py)")
     p.add_argument("--debug", action="store_true", help="show Python tracebacks")
     args = p.parse_args(argv)
     for name in ("epochs", "save_freq", "batch_size", "test_batch_size"):
@@ -130,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         drop_history_after(args.outf, start - 1)
         log(args.outf, resumed_from)
     log(args.outf, f"burn-in: {vars(args)} on {device}, {sum(p.numel() for p in model.parameters())} parameters")
-    plain_args = {k: v for k, v in vars(args).items()}
+    plain_args = dict(vars(args))
     try:
         for epoch in range(start, args.epochs + 1):
             for group in optimizer.param_groups:

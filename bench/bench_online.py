@@ -59,7 +59,7 @@ Usage (from the repository root):
     .venv/bin/python bench/bench_online.py --arch cnn --repeats 5
     .venv/bin/python bench/bench_online.py --arch resnet18 --repeats 3 --baseline_repeats 1
     .venv/bin/python bench/bench_online.py --arch cnn --width 8 --batch_size 20 --val_size 50 \\
-        --test_size 1000 --repeats 2 --threads 1 --json /tmp/bench.json        # a quick check
+        --test_size 1000 --repeats 2 --threads 1 --json bench.json        # a quick check
     .venv/bin/python bench/bench_online.py --arch cnn --channels_last   # also compares memory formats
 
 On a shared CPU, prefer --threads 1: with more intra-op threads than free cores, busy OpenMP threads slow

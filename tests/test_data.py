@@ -23,6 +23,13 @@ def _assert_images(split: Split, n: int, channels: int, size: int) -> None:
 
 # ------------------------------------------------------------------------------------------------- CIFAR
 
+def _assert_as_written(data, written):
+    """Both splits hold exactly the images and labels the test wrote."""
+    for split in ("train", "test"):
+        assert torch.equal(getattr(data, split).x, torch.from_numpy(written[split].x)), split
+        assert torch.equal(getattr(data, split).y, torch.from_numpy(written[split].y)), split
+
+
 def test_fake_cifar_files_have_the_real_pickle_keys(tmp_path):
     """The helper writes Python-2 pickles: byte-string keys under encoding='bytes', as the real files."""
     import pickle
@@ -50,10 +57,7 @@ def test_cifar10_real_format(tmp_path, monkeypatch):
     _assert_images(data.train, 40, 3, 32)
     _assert_images(data.test, 12, 3, 32)
     # Batches 1..5 in order, then the test batch; every pixel as written.
-    assert torch.equal(data.train.x, torch.from_numpy(written["train"].x))
-    assert torch.equal(data.train.y, torch.from_numpy(written["train"].y))
-    assert torch.equal(data.test.x, torch.from_numpy(written["test"].x))
-    assert torch.equal(data.test.y, torch.from_numpy(written["test"].y))
+    _assert_as_written(data, written)
     assert data.train.x[3, 1, 2, 5].item() == entry["data"][3, 1 * 1024 + 2 * 32 + 5]
     # Row and column are not swapped (the data is random, so a transposed image differs).
     assert not torch.equal(data.train.x, data.train.x.transpose(2, 3))
@@ -102,11 +106,7 @@ def test_cifar100_real_format(tmp_path, monkeypatch):
     assert data.info.num_classes == 100
     _assert_images(data.train, 20, 3, 32)
     _assert_images(data.test, 10, 3, 32)
-    assert torch.equal(data.train.x, torch.from_numpy(written["train"].x))
-    assert torch.equal(data.test.x, torch.from_numpy(written["test"].x))
-    # The fine labels (0..99) are used, not the coarse ones.
-    assert torch.equal(data.train.y, torch.from_numpy(written["train"].y))
-    assert torch.equal(data.test.y, torch.from_numpy(written["test"].y))
+    _assert_as_written(data, written)  # labels: the fine ones (0..99), not the coarse ones
     assert int(data.train.y.min()) >= 0 and int(data.train.y.max()) < 100
 
 

@@ -24,9 +24,8 @@ import torch
 from utils.checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from utils.data import DATASETS
 from utils.models import build_model, model_spec
-from utils.repro import set_deterministic
 from utils.results import append_jsonl, read_jsonl, write_json
-from utils.train import set_seed
+from utils.train import set_deterministic, set_seed
 
 INFO = DATASETS["fashion-mnist"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
