@@ -9,7 +9,7 @@ FMNIST := data/FashionMNIST/raw/train-images-idx3-ubyte
 .PHONY: demo test venv data clean-venv
 
 venv: $(STAMP)
-$(STAMP): requirements.txt requirements-dev.txt
+$(STAMP): requirements.txt requirements-dev.txt requirements-ray.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --upgrade pip
 	$(VENV)/bin/pip install -r requirements-dev.txt

@@ -1,102 +1,10 @@
-"""The accumulative poisoning attack of Pang et al. (SPEC "The attack"), as importable functions.
+"""The accumulative poisoning attack of Pang et al. (SPEC "The attack"), under the authors' import path.
 
-Every function takes any ``nn.Module`` and tensors on any device, crafts with the model in the mode it is
-given in, leaves its parameters, buffers and modes as found, and returns a detached batch inside the
-ε-ball around its input and inside [0, 1].
+The functions live in ``utils/attack.py``; this module only re-exports them, so code written against the
+authors' repository (``from attack_generator import ...``) keeps working.
 """
-from __future__ import annotations
+from utils.attack import (OBJECTIVES, accumulative_target, craft_accumulative_poison, craft_poisoned_trigger,
+                          mean_discrepancy, pgd_perturb, poison_objective, second_order_term, trigger_alignment)
 
-import torch
-import torch.nn as nn
-
-from utils.grads import (Grads, check_budget, layerwise_alignment, layerwise_dot, normalize_layers,
-                         param_grads, preserved_state, project_linf, signed, trainable_params)
-
-OBJECTIVES = ("reg", "normal", "second")
-
-
-def trigger_alignment(model: nn.Module, x_trigger: torch.Tensor, y_trigger: torch.Tensor,
-                      x_val: torch.Tensor, y_val: torch.Tensor) -> float:
-    """A(g(x_T, y_T), g(x_v, y_v)) at the current θ: the quantity the attack drives down (SPEC "The attack")."""
-    with preserved_state(model):
-        return layerwise_alignment(param_grads(model, x_trigger, y_trigger),
-                                   param_grads(model, x_val, y_val)).item()
-
-
-def craft_poisoned_trigger(model: nn.Module, x_trigger: torch.Tensor, y_trigger: torch.Tensor,
-                           x_val: torch.Tensor, y_val: torch.Tensor, *, epsilon: float = 0.2,
-                           num_steps: int = 2, round_sign: bool = False) -> torch.Tensor:
-    """Signed steps of size 2ε/K that lower A(g(x', y_T), g(x_v, y_v)) (SPEC "The attack", step 1)."""
-    check_budget(epsilon, num_steps)
-    step = 2.0 * epsilon / max(num_steps, 1)
-    x0 = x_trigger.detach()
-    x_adv = x0.clone()
-    with preserved_state(model):
-        g_val = [g.detach() for g in normalize_layers(param_grads(model, x_val, y_val))]
-        for _ in range(num_steps):
-            x_adv.requires_grad_(True)
-            g = param_grads(model, x_adv, y_trigger, create_graph=True)
-            objective = layerwise_dot(g, g_val, normalize_v=False)
-            (grad_x,) = torch.autograd.grad(objective, x_adv)
-            x_adv = project_linf(x_adv.detach() - step * signed(grad_x, round_sign), x0, epsilon)
-    return x_adv.detach()
-
-
-def second_order_term(model: nn.Module, x_trigger: torch.Tensor, y_trigger: torch.Tensor,
-                      x_val: torch.Tensor, y_val: torch.Tensor) -> Grads:
-    """s = ∇_θ A(g(x_T', y_T; θ), g(x_v, y_v; θ)) per parameter tensor (SPEC "The attack", step 2)."""
-    with preserved_state(model):
-        g_t = param_grads(model, x_trigger, y_trigger, create_graph=True)
-        g_v = param_grads(model, x_val, y_val, create_graph=True)
-        c = layerwise_alignment(g_t, g_v)
-        return [s.detach() for s in torch.autograd.grad(c, trainable_params(model))]
-
-
-def accumulative_target(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_trigger: torch.Tensor,
-                        y_trigger: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor, *,
-                        gamma: float = 1.0, objective: str = "reg") -> Grads:
-    """v_l = γ·nrm(g_t,l) + nrm(s_l) ("reg"), γ·nrm(g_t,l) ("normal") or nrm(s_l) ("second") (SPEC step 2)."""
-    if objective not in OBJECTIVES:
-        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-    parts: list[Grads] = []
-    if objective in ("reg", "normal"):
-        with preserved_state(model):
-            parts.append([gamma * g for g in normalize_layers(param_grads(model, x, y))])
-    if objective in ("reg", "second"):
-        parts.append(normalize_layers(second_order_term(model, x_trigger, y_trigger, x_val, y_val)))
-    if len(parts) == 1:
-        return parts[0]
-    return [a + b for a, b in zip(*parts)]
-
-
-def poison_objective(model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: Grads) -> float:
-    """J(x) = Σ_l ⟨nrm(g(x, y)_l), v_l⟩ for a fixed target v (SPEC "The attack", step 2)."""
-    with preserved_state(model):
-        return layerwise_dot(param_grads(model, x, y), target, normalize_v=False).item()
-
-
-def craft_accumulative_poison(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_trigger: torch.Tensor,
-                              y_trigger: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor, *,
-                              epsilon: float = 0.2, num_steps: int = 2, gamma: float = 1.0,
-                              objective: str = "reg", round_sign: bool = False,
-                              target: Grads | None = None) -> torch.Tensor:
-    """Signed steps of size 2ε/K that raise J(x') toward the target v (SPEC "The attack", step 2).
-
-    The target (which holds the second-order term) is computed once per call, before the steps; pass
-    ``target`` to reuse one already computed by ``accumulative_target``.
-    """
-    check_budget(epsilon, num_steps)
-    step = 2.0 * epsilon / max(num_steps, 1)
-    if target is None:
-        target = accumulative_target(model, x, y, x_trigger, y_trigger, x_val, y_val,
-                                     gamma=gamma, objective=objective)
-    x0 = x.detach()
-    x_adv = x0.clone()
-    with preserved_state(model):
-        for _ in range(num_steps):
-            x_adv.requires_grad_(True)
-            g = param_grads(model, x_adv, y, create_graph=True)
-            objective_value = layerwise_dot(g, target, normalize_v=False)
-            (grad_x,) = torch.autograd.grad(objective_value, x_adv)
-            x_adv = project_linf(x_adv.detach() + step * signed(grad_x, round_sign), x0, epsilon)
-    return x_adv.detach()
+__all__ = ["OBJECTIVES", "accumulative_target", "craft_accumulative_poison", "craft_poisoned_trigger",
+           "mean_discrepancy", "pgd_perturb", "poison_objective", "second_order_term", "trigger_alignment"]

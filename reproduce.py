@@ -1,162 +1,174 @@
-"""One command reproduces the table: burn-in (if missing), then ST / AT / DSC under attack, with controls.
+"""One command reproduces the tables: burn-in (if missing), then ST / AT / DSC under attack, with controls.
 
-  python reproduce.py                    # the cpu preset: real Fashion-MNIST, small CNN, 3 seeds, < 10 min on 2 cores
-  python reproduce.py --preset paper     # CIFAR-10, ResNet-18, the papers' constants (a GPU)
+  python reproduce.py                          # cpu preset: real Fashion-MNIST, small CNN, 3 seeds, 2 CPU cores
+  python reproduce.py --preset paper --smoke   # every stage of the paper preset, tiny: prove a new GPU machine
+  python reproduce.py --preset paper           # CIFAR-10, ResNet-18, the papers' constants (a GPU)
+  python reproduce.py --preset capacity        # the cpu protocol for the CNN and ResNet-18 at widths 16, 32
 
-Writes results/<preset>/: preset.json, table.md, table.csv, accuracy.png, md_over_stream.png, md_histogram.png,
-and one folder per run under runs/ (config.json, steps.jsonl, md.jsonl, summary.json). Finished runs and
-burn-in checkpoints are reused, so an interrupted reproduction continues where it stopped.
+Writes results/<preset>/: table.md/.csv, detectors.md/.csv, md_curve.md/.csv, accuracy.png, md_over_stream.png,
+md_histogram.png, detectors_roc.png, md_curve.png, preset.json, and one folder per run under
+runs/<row>_s<seed>/ (config.json, steps.jsonl, md.jsonl, detectors.jsonl, summary.json); the capacity preset
+writes one such folder per model and results/capacity/ladder.md/.csv. Finished runs and burn-ins of the same
+configuration are reused, so an interrupted reproduction continues where it stopped; those of another
+configuration are refused (--fresh replaces them).
 """
 from __future__ import annotations
 
+from utils.errors import quiet_start
+
+if __name__ == "__main__":
+    quiet_start()  # before torch is imported: Ctrl-C or SIGTERM while starting prints one line
+
 import argparse
-import json
+import contextlib
+import dataclasses
 import os
 import time
 from typing import Sequence
 
-import online_accu_train
-import train_cifar
-from utils.errors import UserError, run_cli
-from utils.report import make_plots, table_rows, write_table
-from utils.results import ensure_dir, write_json
+from utils import plots
+from utils.checkpoint import load_checkpoint, model_from_checkpoint
+from utils.data import get_data
+from utils.errors import run_cli
+from utils.presets import LADDER, PRESETS, Preset, capacity_rung, smoke, with_overrides
+from utils.report import LADDER as LADDER_COLUMNS
+from utils.report import MAIN, MD_CURVE, detector_rows, ladder_rows, md_curve_rows, table_rows, write_table
+from utils.results import FolderLock, ensure_dir, read_json, read_jsonl, write_json
+from utils.sweep import RayOptions, add_ray_flags, ray_options, refuse_other_burn_in, run_sweep
+from utils.timing import online_step_costs
+from utils.train import get_device
 
-# Settings shared by every online run: the authors' run_*.sh commands.
-AUTHORS = ["--batch_size", "100", "--test_batch_size", "500", "--mode", "eval", "--onlinemode", "train",
-           "--momentum", "0.9", "--only_reg", "--use_advtrigger"]
-
-PRESETS: dict[str, dict] = {
-    # Real Fashion-MNIST, the small CNN; burn-in 10 epochs (memorized model: epoch 5). See README for why
-    # ε, lr, stream length and threshold differ from the paper's (the grid in experiments/grid.py).
-    # The stream is the authors' (every batch = the first batch, re-augmented): only there did the grid show
-    # the attack's effect at this scale.
-    "cpu": dict(dataset="fashion-mnist", arch="cnn", width=0, burnin_epochs=10, save_freq=5, online_epoch=10,
-                memorized_epoch=5, epochs=30, lr=0.1, epsilon=0.05, threshold=None, threshold_delta=0.08,
-                eval_subset=2000, seeds=[20, 21, 22], device="cpu", dsc_calibrate=0.9, ckpt=None, stream="reuse"),
-    # The papers: CIFAR-10, ResNet-18, 40 burn-in epochs (memorized: epoch 20), 100 batches, ε 0.2, lr 0.1.
-    "paper": dict(dataset="cifar10", arch="resnet18", width=0, burnin_epochs=40, save_freq=10, online_epoch=40,
-                  memorized_epoch=20, epochs=100, lr=0.1, epsilon=0.2, threshold=0.18, threshold_delta=None,
-                  eval_subset=0, seeds=[20, 21, 22], device=None, dsc_calibrate=0.0, ckpt=None, stream="distinct"),
-}
+OVERRIDES = {"dataset": str, "arch": str, "device": str, "ckpt": str, "dataroot": str, "width": int,
+             "burnin_epochs": int, "save_freq": int, "online_epoch": int, "memorized_epoch": int, "epochs": int,
+             "eval_subset": int, "lr": float, "epsilon": float, "threshold": float, "threshold_delta": float,
+             "dsc_calibrate": float}
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="cpu", choices=list(PRESETS))
-    p.add_argument("--out", default=None, help="results folder (default results/<preset>)")
-    p.add_argument("--dataroot", default="data")
-    p.add_argument("--fresh", action="store_true", help="discard finished runs whose preset differs")
+    p.add_argument("--preset", default="cpu", choices=[*PRESETS, "capacity"])
+    p.add_argument("--smoke", action="store_true", help="every stage with tiny sizes (a burn-in of two epochs on "
+                   "256 samples, two online steps, one seed), on the preset's dataset, model and device")
+    p.add_argument("--rungs", nargs="+", default=list(LADDER), choices=list(LADDER), help="capacity: the models")
+    p.add_argument("--out", default=None, help="results folder (default results/<preset>[_smoke])")
+    p.add_argument("--fresh", action="store_true", help="replace finished runs and burn-ins of another configuration")
     p.add_argument("--debug", action="store_true", help="show Python tracebacks")
-    o = p.add_argument_group("overrides of the preset's values")
-    for key in ("dataset", "arch", "device", "ckpt"):
-        o.add_argument(f"--{key}", default=None)
+    o = p.add_argument_group("overrides of the preset's values (they reach the burn-in and every run)")
+    for key, kind in OVERRIDES.items():
+        o.add_argument(f"--{key}", default=None, type=kind)
     o.add_argument("--stream", default=None, choices=["distinct", "reuse"],
                    help="distinct batches (SPEC default) or the authors' reuse of the first batch")
-    for key in ("width", "burnin_epochs", "save_freq", "online_epoch", "memorized_epoch", "epochs", "eval_subset"):
-        o.add_argument(f"--{key}", default=None, type=int)
-    for key in ("lr", "epsilon", "threshold", "threshold_delta", "dsc_calibrate"):
-        o.add_argument(f"--{key}", default=None, type=float)
     o.add_argument("--seeds", nargs="+", type=int, default=None)
+    add_ray_flags(p)
     return p.parse_args(argv)
 
 
-def resolve(args: argparse.Namespace) -> dict:
-    """The preset with the command line's overrides; the checkpoint folder defaults to checkpoints/<dataset>_<arch>."""
-    cfg = dict(PRESETS[args.preset])
-    for key in cfg:
-        value = getattr(args, key, None)
-        if value is not None:
-            cfg[key] = value
-    if args.threshold_delta is not None:
-        cfg["threshold"] = None
-    if args.threshold is not None:
-        cfg["threshold_delta"] = None
-    width = f"_w{cfg['width']}" if cfg["width"] else ""
-    cfg["ckpt"] = cfg["ckpt"] or os.path.join("checkpoints", f"{cfg['dataset']}_{cfg['arch']}{width}")
-    if cfg["memorized_epoch"] % cfg["save_freq"] or cfg["online_epoch"] % cfg["save_freq"]:
-        raise UserError("--online_epoch and --memorized_epoch must be multiples of --save_freq")
-    return cfg
+def title(preset: Preset) -> str:
+    b, s = preset.base, preset.burn_in
+    stream = "the authors' (reused first batch)" if b.stream.reuse_first_batch else "distinct batches"
+    stop = (f"stop at error > {b.eval.threshold}" if b.eval.threshold is not None
+            else f"stop at burn-in error + {b.eval.threshold_delta}")
+    return (f"{preset.name} preset: {s.dataset}, {s.arch}{f' width {s.width}' if s.width else ''}, stream "
+            f"{stream}, ε {b.attack.epsilon}, online lr {b.learner.lr}, at most {b.stream.steps} batches, {stop}, "
+            f"seeds {list(preset.seeds)} ({time.strftime('%Y-%m-%d')})")
 
 
-def burn_in(cfg: dict, dataroot: str) -> None:
-    """Train the burn-in model unless its checkpoints exist (an interrupted burn-in is resumed)."""
-    need = [os.path.join(cfg["ckpt"], f"epoch{e}.pth") for e in (cfg["online_epoch"], cfg["memorized_epoch"])]
-    if all(os.path.isfile(p) for p in need):
-        print(f"burn-in: reusing {', '.join(need)}")
-        return
-    argv = ["--dataset", cfg["dataset"], "--arch", cfg["arch"], "--width", str(cfg["width"]),
-            "--epochs", str(cfg["burnin_epochs"]), "--save_freq", str(cfg["save_freq"]), "--outf", cfg["ckpt"],
-            "--dataroot", dataroot]
-    if cfg["device"]:
-        argv += ["--device", cfg["device"]]
-    if os.path.isfile(os.path.join(cfg["ckpt"], "last.pth")):
-        argv.append("--resume")
-    train_cifar.main(argv)
+def run_presets(presets: list[tuple[Preset, str]], fresh: bool, ray: RayOptions | None) -> list[dict[str, list]]:
+    """Every preset's burn-in and runs, into its results folder; per preset {row label: [summaries]}."""
+    for preset, _ in presets:
+        refuse_other_burn_in(preset.burn_in, fresh)  # before anything is written
+    runs = [(row.label, preset.run_config(row, seed, out), i) for i, (preset, out) in enumerate(presets)
+            for seed in preset.seeds for row in preset.rows()]
+    with contextlib.ExitStack() as stack:
+        for _, out in presets:
+            stack.enter_context(FolderLock(ensure_dir(out)))
+        summaries = run_sweep([(p.burn_in, sorted({p.online_epoch, p.memorized_epoch})) for p, _ in presets],
+                              [(cfg, i) for _, cfg, i in runs], fresh, ray)
+        groups: list[dict[str, list]] = [{} for _ in presets]
+        for (label, _, i), summary in zip(runs, summaries):
+            groups[i].setdefault(label, []).append(summary)
+        for preset, out in presets:
+            write_json(os.path.join(out, "preset.json"), dataclasses.asdict(preset))
+    return groups
 
 
-def run_specs(cfg: dict) -> list[tuple[str, list[str]]]:
-    """(label, extra flags) of every online run of one seed: ST with its two controls, AT, DSC (and calibrated)."""
-    specs = [("ST (trigger alone)", ["--med", "ST", "--epochs", "0"]),
-             ("ST (clean stream + trigger)", ["--med", "ST", "--no_poison"]),
-             ("ST", ["--med", "ST"]),
-             ("AT", ["--med", "AT"]),
-             ("DSC", ["--med", "DSC"])]
-    if cfg["dsc_calibrate"]:
-        specs.append(("DSC (calibrated τ)", ["--med", "DSC", "--dsc_calibrate", str(cfg["dsc_calibrate"])]))
-    return specs
+def run_folders(preset: Preset, out: str, label: str) -> list[str]:
+    """The run folders of one row, a seed each."""
+    row = next(r for r in preset.rows() if r.label == label)
+    return [os.path.join(out, "runs", f"{row.slug}_s{seed}") for seed in preset.seeds]
 
 
-def slug(label: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in label).strip("_").replace("__", "_")
+def write_reports(preset: Preset, out: str, groups: dict[str, list[dict]]) -> str:
+    """The main table, the detectors' table, MD by the memorized epoch, and the figures; returns the text."""
+    text = write_table(table_rows(groups), MAIN, out, "table", title(preset))
+    adaptive = {k.split(", adaptive attacker ")[1]: v for k, v in groups.items() if k.startswith("ST, adaptive")}
+    rows, headers = detector_rows(groups["ST"], adaptive)
+    if rows:
+        text += "\n" + write_table(rows, headers, out, "detectors", f"Detectors on the ST runs' samples ({preset.name})")
+    curve = md_curve_rows(groups["ST"])
+    if curve:
+        text += "\n" + write_table(curve, MD_CURVE, out, "md_curve", f"MD by the memorized model's epoch ({preset.name})")
+    plt = plots.pyplot()
+    if plt is not None:
+        first = {label: run_folders(preset, out, label)[0] for label in groups if not label.startswith("ST (")}
+        firsts = {k: v for k, v in first.items() if "adaptive" not in k}
+        summaries = {k: groups[k][0] for k in firsts}
+        plots.plot_accuracy(plt, firsts, summaries, os.path.join(out, "accuracy.png"))
+        with_md = {k: v for k, v in firsts.items() if os.path.exists(os.path.join(v, "md.jsonl"))}
+        if with_md:
+            plots.plot_md_over_stream(plt, with_md, os.path.join(out, "md_over_stream.png"))
+            plots.plot_md_histogram(plt, "ST", first["ST"], os.path.join(out, "md_histogram.png"))
+        plots.plot_roc(plt, run_folders(preset, out, "ST"), os.path.join(out, "detectors_roc.png"))
+        plots.plot_md_curve(plt, curve, os.path.join(out, "md_curve.png"))
+    return text
 
 
-def online_run(cfg: dict, dataroot: str, folder: str, seed: int, extra: list[str]) -> dict:
-    """One online run (reused if its summary.json exists)."""
-    if not os.path.isfile(os.path.join(folder, "summary.json")):
-        argv = [*AUTHORS, "--resume", cfg["ckpt"], "--model_name", f"epoch{cfg['online_epoch']}.pth",
-                "--memorized_model", os.path.join(cfg["ckpt"], f"epoch{cfg['memorized_epoch']}.pth"),
-                "--dataroot", dataroot, "--lr", str(cfg["lr"]), "--epsilon", str(cfg["epsilon"]),
-                "--epochs", str(cfg["epochs"]), "--seed", str(seed), "--eval_subset", str(cfg["eval_subset"]),
-                "--out", folder, "--overwrite"]
-        argv += (["--threshold", str(cfg["threshold"])] if cfg["threshold"] is not None
-                 else ["--threshold_delta", str(cfg["threshold_delta"])])
-        if cfg["device"]:
-            argv += ["--device", cfg["device"]]
-        if cfg["stream"] == "reuse":
-            argv.append("--reuse_first_batch")
-        online_accu_train.main(argv + extra)  # a later "--epochs" in extra wins
-    return json.load(open(os.path.join(folder, "summary.json")))
+def rung_costs(preset: Preset, out: str) -> dict:
+    """The capacity rung's parameters, peak memory and crafting-to-floor ratio (kept in costs.json)."""
+    path = os.path.join(out, "costs.json")
+    if os.path.isfile(path):
+        return read_json(path)
+    device = get_device(preset.base.run.device)
+    model, _ = model_from_checkpoint(load_checkpoint(preset.checkpoint(preset.online_epoch)))
+    data = get_data(preset.burn_in.dataset, preset.base.run.dataroot, device, download=preset.base.run.download)
+    b = preset.base
+    costs = online_step_costs(model.to(device), data.train, data.test, batch_size=b.stream.batch_size,
+                              val_size=b.attack.val_size, eval_subset=b.eval.eval_subset, epsilon=b.attack.epsilon,
+                              num_steps=b.attack.num_steps)
+    write_json(path, costs)
+    return costs
+
+
+def run_capacity(args: argparse.Namespace, overrides: dict, ray: RayOptions | None) -> str:
+    """Every rung of the capacity ladder (on Ray: all at once), then the ladder's table."""
+    root = args.out or os.path.join("results", "capacity" + ("_smoke" if args.smoke else ""))
+    presets = []
+    for name in args.rungs:
+        preset = with_overrides(capacity_rung(name), overrides)
+        presets.append((smoke(preset) if args.smoke else preset, os.path.join(root, name)))
+    rows = []
+    for (preset, out), groups, name in zip(presets, run_presets(presets, args.fresh, ray), args.rungs):
+        write_reports(preset, out, groups)
+        steps = {label: [s for run in run_folders(preset, out, label) if os.path.exists(f"{run}/steps.jsonl")
+                         for s in read_jsonl(f"{run}/steps.jsonl")] for label in groups}
+        rows += ladder_rows(name, rung_costs(preset, out), groups, steps)
+    return write_table(rows, LADDER_COLUMNS, root, "ladder", f"Capacity ladder: the cpu protocol along model "
+                                                               f"capacity ({time.strftime('%Y-%m-%d')})")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    cfg = resolve(args)
-    out = ensure_dir(args.out or os.path.join("results", args.preset))
-    preset_path = os.path.join(out, "preset.json")
-    if os.path.isfile(preset_path) and json.load(open(preset_path)) != cfg and not args.fresh:
-        raise UserError(f"{out!r} holds runs of another configuration ({preset_path}); pass --fresh to "
-                        f"replace them or choose another --out")
-    if args.fresh and os.path.isdir(os.path.join(out, "runs")):
-        import shutil
-
-        shutil.rmtree(os.path.join(out, "runs"))
-    write_json(preset_path, cfg)
+    overrides = {k: getattr(args, k) for k in (*OVERRIDES, "stream", "seeds")}
     started = time.time()
-    burn_in(cfg, args.dataroot)
-    groups: dict[str, list[dict]] = {}
-    first_runs: dict[str, str] = {}
-    for seed in cfg["seeds"]:
-        for label, extra in run_specs(cfg):
-            folder = os.path.join(out, "runs", f"{slug(label)}_s{seed}")
-            groups.setdefault(label, []).append(online_run(cfg, args.dataroot, folder, seed, extra))
-            first_runs.setdefault(label, folder)
-    title = (f"{args.preset} preset: {cfg['dataset']}, {cfg['arch']}, {cfg['stream']} stream, ε {cfg['epsilon']}, "
-             f"online lr {cfg['lr']}, "
-             f"{cfg['epochs']} batches, seeds {cfg['seeds']} ({time.strftime('%Y-%m-%d')})")
-    text = write_table(table_rows(groups), out, title)
-    plots = make_plots({k: first_runs[k] for k in ("ST", "AT", "DSC") if k in first_runs}, out)
+    ray = ray_options(args)
+    if args.preset == "capacity":
+        text = run_capacity(args, overrides, ray)
+    else:
+        preset = with_overrides(PRESETS[args.preset](), overrides)
+        preset = smoke(preset) if args.smoke else preset
+        out = args.out or os.path.join("results", preset.name)
+        text = write_reports(preset, out, run_presets([(preset, out)], args.fresh, ray)[0])
     print("\n" + text)
-    print(f"table: {os.path.join(out, 'table.md')} (and table.csv); plots: {', '.join(plots) or 'none'}")
     print(f"reproduction took {time.time() - started:.0f} s")
     return 0
 

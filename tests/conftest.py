@@ -1,9 +1,20 @@
-"""Shared test set-up: the repository root (for ``utils`` and ``train_cifar``) and tests/ (for ``fake_data``)
-on sys.path, and the real Fashion-MNIST files of the repository's data/ folder, loaded once."""
+"""Shared test set-up, located relative to the repository (not the working directory):
+
+- the repository root (for ``utils`` and the scripts) and tests/ (for ``fake_data``) on sys.path;
+- the real Fashion-MNIST files of the repository's data/ folder, loaded once (``fashion_mnist``);
+- a small real-format copy of them (600 training, 200 test images) for runs that read a --dataroot
+  (``small_data``);
+- a tiny burn-in run on it (``tiny_run``: width-4 CNN, epochs 1 and 2 saved), and a pair of trained models
+  with real batches for the attack and defence unit tests (``trained_pair``), each built once per session.
+
+Slow tests (subprocesses, end-to-end drivers) are marked ``slow``: ``pytest -m "not slow"`` skips them.
+"""
 from __future__ import annotations
 
+import copy
 import os
 import sys
+from dataclasses import dataclass
 
 import pytest
 
@@ -14,12 +25,32 @@ for path in (REPO, TESTS):
         sys.path.insert(0, path)
 
 DATA_ROOT = os.path.join(REPO, "data")
+N_TRAIN, N_TEST = 600, 200  # the small Fashion-MNIST copy
 
 # The tests use tiny tensors: one intra-op thread is fastest for them, and it keeps their speed steady when
 # other work shares the CPU (several spinning threads on tiny convolutions slow down a hundredfold then).
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "slow: subprocess and end-to-end tests (skip them with -m 'not slow')")
+
+
+def write_small_fashion_mnist(dst: str, n_train: int = N_TRAIN, n_test: int = N_TEST, test: bool = True) -> str:
+    """The first n images of the real IDX files (header count rewritten): a fast, real-format dataset in dst."""
+    raw = os.path.join(dst, "FashionMNIST", "raw")
+    os.makedirs(raw, exist_ok=True)
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        if split == "t10k" and not test:
+            continue
+        for kind, header, item in (("images-idx3", 16, 28 * 28), ("labels-idx1", 8, 1)):
+            with open(os.path.join(DATA_ROOT, "FashionMNIST", "raw", f"{split}-{kind}-ubyte"), "rb") as f:
+                data = f.read(header + n * item)
+            with open(os.path.join(raw, f"{split}-{kind}-ubyte"), "wb") as f:
+                f.write(data[:4] + n.to_bytes(4, "big") + data[8:header] + data[header:])
+    return dst
 
 
 @pytest.fixture(scope="session")
@@ -33,3 +64,58 @@ def fashion_mnist():
     from utils.data import get_data
 
     return get_data("fashion-mnist", DATA_ROOT, "cpu", download=False)
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory) -> str:
+    """A --dataroot with the first 600 training and 200 test images of the real Fashion-MNIST files."""
+    return write_small_fashion_mnist(str(tmp_path_factory.mktemp("small_data")))
+
+
+def tiny_burn_in_config(small_data: str, outf: str, **changes):
+    """The cpu preset's burn-in, shrunk: width-4 CNN, 2 epochs of the small data, every epoch saved."""
+    import dataclasses
+
+    from utils.presets import cpu_preset
+
+    return dataclasses.replace(cpu_preset().burn_in, width=4, epochs=2, save_freq=1, dataroot=small_data,
+                               download=False, outf=outf, **changes)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(small_data, tmp_path_factory) -> str:
+    """A burn-in folder (epoch1.pth, epoch2.pth, last.pth of one run) of a width-4 CNN on the small data."""
+    from utils.burnin import run_burn_in
+
+    outf = str(tmp_path_factory.mktemp("tiny_run"))
+    run_burn_in(tiny_burn_in_config(small_data, outf))
+    return outf
+
+
+@dataclass
+class TrainedPair:
+    model: torch.nn.Module  # after 3 epochs on 2000 real images (eval mode)
+    memorized: torch.nn.Module  # the same run after its first epoch (eval mode)
+    batches: list  # four disjoint real batches of 100 (x in [0, 1], y), not trained on
+
+
+@pytest.fixture(scope="session")
+def trained_pair(fashion_mnist) -> TrainedPair:
+    """A width-8 CNN trained on real images, and the memorized model of the same run (SPEC "MD")."""
+    from utils.data import BatchLoader, Split
+    from utils.models import build_model, model_spec
+    from utils.train import set_seed, train_epoch
+
+    set_seed(0)
+    train = fashion_mnist.train
+    sub = Split(train.x[:2000], train.y[:2000])
+    model = build_model(model_spec("cnn", fashion_mnist.info, width=8))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    loader = BatchLoader(sub, 100, shuffle=True)
+    train_epoch(model, loader, opt)
+    memorized = copy.deepcopy(model).eval()
+    train_epoch(model, loader, opt)
+    train_epoch(model, loader, opt)
+    held = Split(train.x[2000:2400], train.y[2000:2400])
+    batches = [held.batch(torch.arange(i, i + 100)) for i in range(0, 400, 100)]
+    return TrainedPair(model.eval(), memorized, batches)

@@ -1,28 +1,20 @@
-"""The attack's properties (SPEC "The attack"): ε-ball, objectives move the right way, model untouched."""
+"""The attack's properties (SPEC "The attack"): ε-ball, objectives move the right way, model untouched;
+the adaptive attacker keeps its poisons' MD low (SPEC "Detectors")."""
 import pytest
 import torch
 
 from attack_generator import (accumulative_target, craft_accumulative_poison, craft_poisoned_trigger,
                               poison_objective, second_order_term, trigger_alignment)
-from utils.data import DATASETS, BatchLoader, Split, load_split
+from utils.discrepancy import memorization_discrepancy
 from utils.errors import UserError
 from utils.grads import layerwise_alignment, param_grads
-from utils.models import build_model, model_spec
-from utils.train import set_seed, train_epoch
 
 
 @pytest.fixture(scope="module")
-def setting():
-    """A small CNN trained one epoch on 3000 real Fashion-MNIST images, and four disjoint batches."""
-    set_seed(0)
-    train = load_split("fashion-mnist", "data", True, download=False)
-    sub = Split(train.x[:3000], train.y[:3000])
-    model = build_model(model_spec("cnn", DATASETS["fashion-mnist"], width=8))
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    train_epoch(model, BatchLoader(sub, 100, shuffle=True), opt)
-    model.eval()
-    batches = [sub.batch(torch.arange(i, i + 100)) for i in range(0, 400, 100)]
-    return model, batches
+def setting(trained_pair):
+    """The trained CNN (eval mode) and four disjoint real batches: trigger, validation, arriving, spare."""
+    trained_pair.model.eval()
+    return trained_pair.model, trained_pair.batches
 
 
 def _in_ball(x_adv, x, eps):
@@ -62,8 +54,7 @@ def test_normal_objective_is_maximal_at_the_clean_batch(setting):
     """γ·nrm(g_t) alone: J(x_t) = γ·(number of layers), its maximum, so no step can raise it."""
     model, ((xt, yt), (xv, yv), (x, y), _) = setting
     target = accumulative_target(model, x, y, xt, yt, xv, yv, objective="normal", gamma=2.0)
-    n_layers = len(target)
-    assert poison_objective(model, x, y, target) == pytest.approx(2.0 * n_layers, rel=1e-5)
+    assert poison_objective(model, x, y, target) == pytest.approx(2.0 * len(target), rel=1e-5)
 
 
 def test_target_combines_the_terms(setting):
@@ -78,13 +69,13 @@ def test_target_combines_the_terms(setting):
 
 
 @pytest.mark.parametrize("train_mode", [False, True])
-def test_model_left_untouched(setting, train_mode):
+def test_model_left_untouched(setting, trained_pair, train_mode):
     model, ((xt, yt), (xv, yv), (x, y), _) = setting
     model.train(train_mode)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
     craft_poisoned_trigger(model, xt, yt, xv, yv)
-    craft_accumulative_poison(model, x, y, xt, yt, xv, yv)
+    craft_accumulative_poison(model, x, y, xt, yt, xv, yv, memorized=trained_pair.memorized, adaptive_md=1.0)
     assert model.training is train_mode and all(m.training is train_mode for m in model.modules())
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[k]), k
@@ -106,7 +97,7 @@ def test_zero_budget_returns_the_input(setting):
     assert torch.equal(craft_accumulative_poison(model, x, y, xt, yt, xv, yv, epsilon=0.0), x)
 
 
-@pytest.mark.parametrize("eps", [-0.1, 1.5])
+@pytest.mark.parametrize("eps", [-0.1, 1.5, float("nan")])
 def test_budget_outside_unit_interval_is_refused(setting, eps):
     model, ((xt, yt), (xv, yv), _, _) = setting
     with pytest.raises(UserError, match="epsilon"):
@@ -117,3 +108,24 @@ def test_unknown_objective_is_refused(setting):
     model, ((xt, yt), (xv, yv), (x, y), _) = setting
     with pytest.raises(ValueError, match="objective"):
         craft_accumulative_poison(model, x, y, xt, yt, xv, yv, objective="third")
+
+
+@pytest.mark.parametrize("lam", [1.0, 10.0])
+def test_adaptive_poisons_have_lower_md_and_stay_in_the_ball(setting, trained_pair, lam):
+    """−λ·MD in the objective (SPEC "Detectors"): at the same ε, the poisons' mean MD is lower than with λ = 0."""
+    model, ((xt, yt), (xv, yv), (x, y), _) = setting
+    memorized = trained_pair.memorized
+    x_tri = craft_poisoned_trigger(model, xt, yt, xv, yv, epsilon=0.05)
+    plain = craft_accumulative_poison(model, x, y, x_tri, yt, xv, yv, epsilon=0.05)
+    adaptive = craft_accumulative_poison(model, x, y, x_tri, yt, xv, yv, epsilon=0.05, memorized=memorized,
+                                         adaptive_md=lam)
+    assert _in_ball(adaptive, x, 0.05)
+    md_plain = memorization_discrepancy(model, memorized, plain).mean().item()
+    md_adaptive = memorization_discrepancy(model, memorized, adaptive).mean().item()
+    assert md_adaptive < md_plain, (md_adaptive, md_plain)
+
+
+def test_adaptive_attacker_needs_the_memorized_model(setting):
+    model, ((xt, yt), (xv, yv), (x, y), _) = setting
+    with pytest.raises(ValueError, match="memorized"):
+        craft_accumulative_poison(model, x, y, xt, yt, xv, yv, adaptive_md=1.0)

@@ -1,11 +1,10 @@
-"""Burn-in (train_cifar.py): learning, checkpoints, resume == uninterrupted, and the CLI's error messages."""
+"""Burn-in (train_cifar.py): learning, checkpoints, resume == uninterrupted (its bad inputs through the command
+line are in test_robustness.py)."""
 from __future__ import annotations
 
 import json
 import os
 import pickle
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,9 +13,9 @@ import torch.nn.functional as F
 import fake_data
 import train_cifar
 from utils.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from utils.data import DATASETS, BatchLoader, Split, train_loader
+from utils.data import BatchLoader, Split, train_loader
 from utils.errors import UserError
-from utils.models import ARCHS, build_model, model_spec
+from utils.models import build_model, model_spec
 from utils.train import evaluate, train_epoch
 
 
@@ -194,79 +193,6 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
     assert any(not torch.equal(e1["net"][k], ca["net"][k]) for k in ca["net"] if ca["net"][k].is_floating_point())
 
 
-def test_main_in_process_raises_user_error(tmp_path, monkeypatch):
-    root = str(tmp_path / "data")
-    fake_data.install_cifar10(root, monkeypatch, per_batch=4, n_test=4)
-    with pytest.raises(UserError, match="known datasets"):
-        train_cifar.main(["--dataset", "imagenet", "--outf", str(tmp_path / "o"), "--device", "cpu"])
-    with pytest.raises(UserError, match="--epochs"):
-        train_cifar.main(_argv(root, str(tmp_path / "o"), 0))
-    argv = _argv(root, str(tmp_path / "o"), 1)
-    argv[argv.index("cnn")] = "vgg"
-    with pytest.raises(UserError, match="known archs"):
-        train_cifar.main(argv)
-    with pytest.raises(UserError, match="batch size"):  # 20 training images, a batch of 256
-        train_cifar.main(_argv(root, str(tmp_path / "o"), 1, "--batch_size", "256"))
-    with pytest.raises(UserError, match="no checkpoint"):
-        train_cifar.main(_argv(root, str(tmp_path / "o"), 1, "--resume", str(tmp_path / "empty")))
-    # A resumed run must match the model it resumes: a cnn checkpoint cannot continue a resnet18 run.
-    assert train_cifar.main(_argv(root, str(tmp_path / "c"), 1)) == 0
-    argv = _argv(root, str(tmp_path / "c"), 2, "--resume")
-    argv[argv.index("cnn")] = "resnet18"
-    with pytest.raises(UserError, match="arch"):
-        train_cifar.main(argv)
-
-
 def test_train_loader_uses_the_dataset_augmentation(fashion_mnist):
     loader = train_loader(fashion_mnist, 32, torch.Generator().manual_seed(0))
     assert loader.shuffle and loader.augment is fashion_mnist.info
-
-
-# ------------------------------------------------------------------------------------------------- CLI
-
-_CLI_CASES = {
-    "unknown-dataset": (["--dataset", "imagenet"], ["imagenet", *DATASETS]),
-    "unknown-arch": (["--dataset", "fashion-mnist", "--arch", "vgg16"], ["vgg16", *ARCHS]),
-    "epochs-0": (["--epochs", "0"], ["--epochs", "at least 1"]),
-    "device-cuda": (["--device", "cuda"], ["cuda", "--device cpu"]),
-    "resume-empty": (["--dataset", "fashion-mnist", "--arch", "cnn", "--resume", "{empty}"],
-                     ["--resume", "no checkpoint", "{empty}"]),
-}
-
-
-@pytest.fixture(scope="module")
-def cli_results(tmp_path_factory, repo_root):
-    """Run every CLI case as its own `python train_cifar.py` process, all at once (each pays torch's import)."""
-    base = tmp_path_factory.mktemp("cli")
-    empty = base / "empty"
-    empty.mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = {}
-    for name, (args, _) in _CLI_CASES.items():
-        if name == "device-cuda" and torch.cuda.is_available():
-            continue
-        argv = [a.format(empty=empty) for a in args]
-        if "--device" not in argv:
-            argv += ["--device", "cpu"]
-        cmd = [sys.executable, "train_cifar.py", *argv, "--dataroot", os.path.join(repo_root, "data"),
-               "--no_download", "--outf", str(base / name)]
-        procs[name] = subprocess.Popen(cmd, cwd=repo_root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                       text=True)
-    results = {}
-    for name, p in procs.items():
-        out, err = p.communicate(timeout=120)
-        results[name] = (p.returncode, out, err)
-    return results, empty
-
-
-@pytest.mark.parametrize("case", list(_CLI_CASES))
-def test_cli_rejects_bad_input(cli_results, case):
-    results, empty = cli_results
-    if case not in results:
-        pytest.skip("a CUDA GPU is available here, so --device cuda is valid")
-    code, out, err = results[case]
-    assert code == 1, (out, err)
-    assert "Traceback" not in err and "Traceback" not in out
-    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
-    for word in _CLI_CASES[case][1]:
-        assert word.format(empty=empty) in err, (word, err)

@@ -1,42 +1,27 @@
-"""MD, DSC, AT and the AUROC helper (SPEC "Memorization Discrepancy", "DSC", "Baselines")."""
+"""MD, DSC, AT, the defenders' registry and the AUROC helper (SPEC "Memorization Discrepancy", "DSC",
+"Baselines", "Detectors")."""
 import copy
 import itertools
-import json
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-import online_accu_train
-from utils.checkpoint import save_checkpoint
-from utils.data import DATASETS, BatchLoader, Split, load_split
-from utils.defenses import get_defender, dsc_correct, pgd_perturb
+from utils.attack import pgd_perturb
+from utils.config import DSCConfig, defence_name
+from utils.data import Split
+from utils.defenses import DEFENDERS, Defender, DSCThreshold, Learner, calibrate_dsc, dsc_correct
 from utils.discrepancy import memorization_discrepancy
 from utils.errors import UserError
 from utils.metrics import auroc
-from utils.models import build_model, model_spec
-from utils.train import set_seed, train_epoch
-
-INFO = DATASETS["fashion-mnist"]
 
 
 @pytest.fixture(scope="module")
-def models():
-    """A memorized model (after 1 epoch on 2000 real images) and the current one (after 2 more epochs)."""
-    set_seed(0)
-    train = load_split("fashion-mnist", "data", True, download=False)
-    sub = Split(train.x[:2000], train.y[:2000])
-    model = build_model(model_spec("cnn", INFO, width=8))
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    loader = BatchLoader(sub, 100, shuffle=True)
-    train_epoch(model, loader, opt)
-    memorized = copy.deepcopy(model).eval()
-    train_epoch(model, loader, opt)
-    train_epoch(model, loader, opt)
-    model.eval()
-    x, y = Split(train.x[2000:2100], train.y[2000:2100]).batch(torch.arange(100))
-    return model, memorized, x, y
+def models(trained_pair):
+    """The trained model, its memorized model and one held-out real batch."""
+    x, y = trained_pair.batches[2]
+    return trained_pair.model, trained_pair.memorized, x, y
 
 
 def test_md_is_zero_for_identical_models(models):
@@ -74,9 +59,31 @@ def test_dsc_with_zero_threshold_takes_max_steps_and_stays_in_ball(models):
     assert (x_c - x).abs().max().item() <= 0.1 + 1e-6 and x_c.min() >= 0 and x_c.max() <= 1
     assert not torch.equal(x_c, x)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
-    # the correction descends the current model's loss
-    with torch.no_grad():
+    with torch.no_grad():  # the correction descends the current model's loss
         assert F.cross_entropy(model(x_c), y) < F.cross_entropy(model(x), y)
+
+
+def test_dsc_defender_reports_tau_and_steps(models):
+    model, memorized, x, y = models
+    learner = Learner(copy.deepcopy(model), torch.optim.SGD(model.parameters(), lr=0.0))
+    defender = DEFENDERS["DSC"](DSCConfig(max_steps=3), memorized, DSCThreshold(tau0=0.0, kappa=0.5))
+    assert memorization_discrepancy(learner.model, memorized, x).mean() < 2.0
+    assert defender.step(learner, x, y, t=4) == {"dsc_tau": 2.0, "dsc_steps": 0}  # τ_4 = 0 + 0.5·4
+    info = DEFENDERS["DSC"](DSCConfig(max_steps=3), memorized, DSCThreshold(0.0, 0.0)).step(learner, x, y, 0)
+    assert info["dsc_steps"] == 3 and info["dsc_tau"] == 0.0
+    assert defender.summary([{"dsc_steps": 1}, {"dsc_steps": 2}]) == {"dsc_mean_steps": 1.5}
+
+
+def test_calibration_takes_the_quantile_of_clean_batches(models, fashion_mnist):
+    model, memorized, _, _ = models
+    test = Split(fashion_mnist.test.x[:400], fashion_mnist.test.y[:400])
+    cal = calibrate_dsc(DSCConfig(calibrate=0.5, calibrate_batches=4), model, memorized, test, 100,
+                        torch.Generator().manual_seed(0))
+    assert cal.calibrated and len(cal.clean_batch_md) == 4
+    assert cal.tau0 == pytest.approx(float(np.quantile(cal.clean_batch_md, 0.5)), rel=1e-5)
+    assert cal.kappa == pytest.approx(0.02 * cal.tau0 / 0.5)
+    plain = calibrate_dsc(DSCConfig(), model, memorized, test, 100, torch.Generator())
+    assert (plain.tau0, plain.kappa, plain.calibrated) == (0.5, 0.02, False)
 
 
 def test_at_batch_has_higher_loss_and_the_authors_variant_lower(models):
@@ -114,50 +121,7 @@ def test_auroc_matches_pairwise_definition_with_ties():
 
 
 def test_defenders_are_selected_by_name():
-    assert get_defender("OURS")[0] == "DSC"
-    assert get_defender("st")[0] == "ST"
-    assert get_defender("AT")[0] == "AT"
+    assert defence_name("OURS") == "DSC" and defence_name("st") == "ST" and defence_name("AT") == "AT"
     with pytest.raises(UserError, match="known: ST, AT, DSC"):
-        get_defender("TRADES")
-
-
-@pytest.fixture(scope="module")
-def ckpts(tmp_path_factory):
-    set_seed(0)
-    folder = tmp_path_factory.mktemp("ck")
-    spec = model_spec("cnn", INFO, width=4)
-    for epoch in (1, 2):
-        save_checkpoint(str(folder / f"epoch{epoch}.pth"), build_model(spec), spec, epoch=epoch, err_cls=0.5, args={})
-    other = model_spec("cnn", INFO, width=6)
-    save_checkpoint(str(folder / "other.pth"), build_model(other), other, epoch=1, err_cls=0.5, args={})
-    return folder
-
-
-def _run(folder, out, *extra):
-    argv = ["--resume", str(folder), "--model_name", "epoch2.pth", "--device", "cpu", "--out", str(out),
-            "--batch_size", "50", "--test_batch_size", "100", "--lr", "0.1", "--threshold", "1.0",
-            "--epochs", "2", "--use_advtrigger", "--epsilon", "0.05", *extra]
-    assert online_accu_train.main(argv) == 0
-    return json.load(open(out / "summary.json"))
-
-
-def test_dsc_run_end_to_end_reports_md_and_steps(ckpts, tmp_path):
-    s = _run(ckpts, tmp_path / "d", "--med", "OURS", "--memorized_model", str(ckpts / "epoch1.pth"),
-             "--dsc_tau0", "0", "--dsc_kappa", "0", "--dsc_max_steps", "3")
-    assert s["dsc_mean_steps"] == 3
-    assert 0.0 <= s["md_auroc_poison_vs_clean"] <= 1.0 and 0.0 <= s["md_auroc_poison_vs_noise"] <= 1.0
-
-
-def test_calibrated_dsc_sets_tau_from_clean_batches(ckpts, tmp_path):
-    _run(ckpts, tmp_path / "c", "--med", "DSC", "--memorized_model", str(ckpts / "epoch1.pth"),
-         "--dsc_calibrate", "0.5", "--dsc_calibrate_batches", "4")
-    cfg = json.load(open(tmp_path / "c" / "config.json"))["dsc"]
-    assert cfg["calibrated"] and cfg["tau0"] == pytest.approx(float(np.quantile(cfg["clean_batch_md"], 0.5)))
-    assert cfg["kappa"] == pytest.approx(0.02 * cfg["tau0"] / 0.5)
-
-
-def test_dsc_needs_a_matching_memorized_model(ckpts, tmp_path):
-    with pytest.raises(UserError, match="not found"):
-        _run(ckpts, tmp_path / "m", "--med", "DSC")  # default <resume>/epoch20.pth is missing
-    with pytest.raises(UserError, match="width"):
-        _run(ckpts, tmp_path / "w", "--med", "DSC", "--memorized_model", str(ckpts / "other.pth"))
+        defence_name("TRADES")
+    assert all(issubclass(cls, Defender) for cls in DEFENDERS.values())

@@ -1,10 +1,12 @@
-"""One checkpoint format: written atomically, read with weights_only=True, carrying its ModelSpec."""
+"""One checkpoint format: written atomically, read with weights_only=True, carrying its ModelSpec, the run
+that wrote it and a content hash of its weights (verified on every load)."""
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import re
-import tempfile
+import zipfile
 from typing import Any
 
 import torch
@@ -13,57 +15,61 @@ import torch.nn as nn
 from utils.data import DATASETS
 from utils.errors import UserError
 from utils.models import ModelSpec, build_model
+from utils.results import atomic_write
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: run_id and net_sha256; 1 (older checkpoints): neither, loaded without the hash check
+REQUIRED = {"net": dict, "model": dict, "epoch": int, "err_cls": float}
+RECREATE = "re-create it with train_cifar.py"
 
 
-def atomic_write(path: str, write) -> None:
-    """Call ``write(tmp_path)``, flush it to disk, then rename onto ``path``: readers never see a half-written
-    file, even after Ctrl-C or a crash."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+def weights_digest(net: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of a state dict: every entry's name, dtype, shape and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(net):
+        t = net[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def save_checkpoint(path: str, model: nn.Module, spec: ModelSpec, *, epoch: int, err_cls: float,
-                    args: dict[str, Any], optimizer: torch.optim.Optimizer | None = None,
+                    args: dict[str, Any], run_id: str | None = None, optimizer: torch.optim.Optimizer | None = None,
                     rng: dict[str, torch.Tensor] | None = None) -> None:
-    """Write a checkpoint atomically: state dict, ModelSpec, epoch, test error, flags, optimizer and RNG state."""
-    state = {
-        "format_version": FORMAT_VERSION,
-        "net": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "model": spec.to_dict(),
-        "epoch": int(epoch),
-        "err_cls": float(err_cls),
-        "args": args,
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
-        "rng": rng,
-    }
+    """Write a checkpoint atomically: weights and their hash, ModelSpec, epoch, test error, flags, the run id,
+    optimizer and RNG state."""
+    net = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    state = {"format_version": FORMAT_VERSION, "net": net, "net_sha256": weights_digest(net), "model": spec.to_dict(),
+             "epoch": int(epoch), "err_cls": float(err_cls), "run_id": run_id, "args": args,
+             "optimizer": optimizer.state_dict() if optimizer is not None else None, "rng": rng}
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
-def load_checkpoint(path: str) -> dict[str, Any]:
-    """Read a checkpoint with weights_only=True; missing, corrupt or foreign files are a UserError."""
-    if not os.path.isfile(path):
+def _check_file(path: str) -> None:
+    """A regular, complete zip archive (torch.save's format) at ``path``, else a message saying what is there."""
+    if os.path.islink(path) and not os.path.exists(path):
+        raise UserError(f"checkpoint {path!r} is a broken symbolic link (to {os.readlink(path)!r}, which does not "
+                        f"exist); fix the link or the path")
+    if os.path.isdir(path):
+        raise UserError(f"checkpoint {path!r} is a folder, not a file; pass the .pth file inside it")
+    if not os.path.exists(path):
         folder = os.path.dirname(path) or "."
         hint = (f"{folder!r} holds: {', '.join(sorted(f for f in os.listdir(folder) if f.endswith('.pth')))}"
                 if os.path.isdir(folder) else f"the folder {folder!r} does not exist")
         raise UserError(f"checkpoint {path!r} not found ({hint}); run train_cifar.py first or fix the path")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if zipfile.is_zipfile(path) or head[:1] == b"\x80":  # torch.save's archive, or its legacy pickle format
+        return
+    if not head or head.startswith(b"PK"):
+        raise UserError(f"checkpoint {path!r} is corrupt or truncated ({os.path.getsize(path)} bytes, not a complete "
+                        f"torch.save archive); {RECREATE}")
+    raise UserError(f"{path!r} is not a checkpoint: it holds no torch.save archive (it starts with {head!r}, "
+                    f"perhaps a text file); pass a .pth file written by train_cifar.py")
+
+
+def _unpickle(path: str) -> Any:
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(e).splitlines()]
         named = re.search(r"GLOBAL ([\w.]+)", str(e))  # torch's text advises weights_only=False: not repeated
@@ -73,12 +79,38 @@ def load_checkpoint(path: str) -> dict[str, Any]:
                         f"read with weights_only=True, so none of it ran). Only load checkpoints you trust, "
                         f"written by train_cifar.py") from e
     except Exception as e:
-        raise UserError(f"checkpoint {path!r} is corrupt or truncated ({type(e).__name__}: {e}); "
-                        f"re-create it with train_cifar.py") from e
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise UserError(f"checkpoint {path!r} is corrupt or truncated ({type(e).__name__}: {first}); "
+                        f"{RECREATE}") from e
+
+
+def load_checkpoint(path: str) -> dict[str, Any]:
+    """Read a checkpoint with weights_only=True and verify its weights' hash; anything else is a UserError."""
+    _check_file(path)
+    ckpt = _unpickle(path)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("net"), dict) or not isinstance(ckpt.get("model"), dict):
         raise UserError(f"{path!r} is not a checkpoint of this project (no 'net'/'model' entries); "
                         f"train one with train_cifar.py")
+    for key, kind in REQUIRED.items():
+        if not isinstance(ckpt.get(key), (int, float) if kind is float else kind) or isinstance(ckpt.get(key), bool):
+            raise UserError(f"checkpoint {path!r} has no valid {key!r} entry ({'its test error' if key == 'err_cls' else key}"
+                            f" is {ckpt.get(key)!r}): it was not written by this project's train_cifar.py; {RECREATE}")
+    stored = ckpt.get("net_sha256")
+    if ckpt.get("format_version", 1) >= 2 and stored != weights_digest(ckpt["net"]):
+        raise UserError(f"checkpoint {path!r} is corrupt: its weights do not match the content hash stored in it "
+                        f"({'no hash stored' if stored is None else 'a changed byte'}); {RECREATE}")
     return ckpt
+
+
+def _shape_mismatch(model: nn.Module, net: dict[str, torch.Tensor]) -> str:
+    """What differs between a model's state dict and a checkpoint's: missing/unexpected names, shapes."""
+    own = model.state_dict()
+    missing, extra = [k for k in own if k not in net], [k for k in net if k not in own]
+    shapes = [f"{k} is {tuple(net[k].shape)} in the file but {tuple(own[k].shape)} in the model"
+              for k in own if k in net and tuple(net[k].shape) != tuple(own[k].shape)]
+    parts = ([f"missing {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}"] if missing else []) + \
+            ([f"unexpected {', '.join(extra[:3])}{' ...' if len(extra) > 3 else ''}"] if extra else []) + shapes[:2]
+    return "; ".join(parts) or "the entries differ"
 
 
 def model_from_checkpoint(ckpt: dict[str, Any], path: str = "checkpoint") -> tuple[nn.Module, ModelSpec]:
@@ -86,7 +118,7 @@ def model_from_checkpoint(ckpt: dict[str, Any], path: str = "checkpoint") -> tup
     try:
         spec = ModelSpec.from_dict(ckpt["model"])
     except (TypeError, KeyError, ValueError) as e:
-        raise UserError(f"{path!r} has a malformed model description ({e}); re-create it with train_cifar.py") from e
+        raise UserError(f"{path!r} has a malformed model description ({e}); {RECREATE}") from e
     info = DATASETS.get(spec.dataset)
     if info is None:
         raise UserError(f"{path!r} holds a model for an unknown dataset {spec.dataset!r}; known datasets: "
@@ -104,7 +136,8 @@ def model_from_checkpoint(ckpt: dict[str, Any], path: str = "checkpoint") -> tup
     try:
         model.load_state_dict(ckpt["net"])
     except RuntimeError as e:
-        raise UserError(f"the weights in {path!r} do not fit a {spec.arch} model: {str(e).splitlines()[0]}") from e
+        raise UserError(f"the weights in {path!r} do not fit the {spec.arch} (width {spec.width or 'default'}) its "
+                        f"model description names: {_shape_mismatch(model, ckpt['net'])}; {RECREATE}") from e
     return model, spec
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -98,9 +99,21 @@ def load_split(name: str, root: str = "data", train: bool = True, download: bool
     try:
         ds = _torchvision_split(name, root, train, download)
     except Exception as e:  # torchvision raises RuntimeError (missing/corrupt) or URLError (offline)
-        raise UserError(f"could not load {name} ({'train' if train else 'test'}) from {root!r}: {e}. "
+        reason = re.sub(r"\s*You can use download=True to download it\.?", "", str(e)).strip().rstrip(".")
+        raise UserError(f"could not load {name} ({'train' if train else 'test'}) from {root!r}: {reason}. "
                         f"To fix: {hint}") from e
-    return _to_split(name, ds)
+    split = _to_split(name, ds)
+    check_labels(split, dataset_info(name), f"{name} ({'train' if train else 'test'}) in {root!r}")
+    return split
+
+
+def check_labels(split: Split, info: DatasetInfo, where: str) -> None:
+    """Every label lies in [0, num_classes): a wrong one would silently count as an error."""
+    if len(split) and not (0 <= int(split.y.min()) and int(split.y.max()) < info.num_classes):
+        bad = int(((split.y < 0) | (split.y >= info.num_classes)).sum())
+        raise UserError(f"{where} has {bad} label(s) outside [0, {info.num_classes}) (e.g. "
+                        f"{int(split.y.max()) if split.y.max() >= info.num_classes else int(split.y.min())}); "
+                        f"the files are corrupt or of another dataset: download or unpack them again")
 
 
 def augment_batch(x: torch.Tensor, info: DatasetInfo, generator: torch.Generator) -> torch.Tensor:

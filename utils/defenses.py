@@ -1,16 +1,25 @@
-"""Defender steps of the online phase (SPEC "Baselines"): each takes one arriving batch and updates the model."""
+"""The learner and its defenders (SPEC "Phase 2", "Baselines", "DSC"): each defender takes one arriving batch
+and updates the model, with one call shape, ``defender.step(learner, x, y, t, niter)``, as torchattacks does
+for attacks. A new defender is a subclass of ``Defender`` registered in ``DEFENDERS`` under its --med name.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils.discrepancy import md_from_logits
-from utils.errors import UserError
+from utils.attack import pgd_perturb
+from utils.config import ATConfig, DSCConfig
+from utils.data import Split
+from utils.discrepancy import md_from_logits, memorization_discrepancy
 from utils.grads import preserved_state, project_linf
+
+if TYPE_CHECKING:
+    from utils.context import RunContext
 
 
 @dataclass
@@ -21,7 +30,6 @@ class Learner:
     optimizer: torch.optim.Optimizer
     mode: str = "train"  # the model's mode during its update (--onlinemode)
     clip_value: float | None = None  # the authors' --clip_gradnorm: clip the gradient's inf-norm to this
-    extras: dict[str, Any] = field(default_factory=dict)  # what a defender needs (memorized model, ...)
 
 
 def sgd_step(learner: Learner, x: torch.Tensor, y: torch.Tensor, niter: int = 1) -> None:
@@ -36,46 +44,56 @@ def sgd_step(learner: Learner, x: torch.Tensor, y: torch.Tensor, niter: int = 1)
         learner.optimizer.step()
 
 
-def standard_training(learner: Learner, x: torch.Tensor, y: torch.Tensor, t: int, niter: int = 1) -> dict:
+class Defender:
+    """A defence of the online learner: ``step`` learns from one arriving batch (t: its index in the stream)
+    and returns the per-step facts to log; ``summary`` turns the run's step records into its figures."""
+
+    name = "defender"
+
+    @classmethod
+    def from_context(cls, ctx: "RunContext") -> "Defender":
+        """Build the defender for a run (its configuration is ``ctx.cfg``)."""
+        return cls()
+
+    def describe(self) -> dict:
+        """Settings decided at the start of the run, for config.json."""
+        return {}
+
+    def step(self, learner: Learner, x: torch.Tensor, y: torch.Tensor, t: int, niter: int = 1) -> dict:
+        raise NotImplementedError
+
+    def summary(self, records: list[dict]) -> dict:
+        return {"dsc_mean_steps": None}  # the table has this column for every defence; DSC fills it
+
+
+class StandardTraining(Defender):
     """ST: one plain SGD step on what arrives (SPEC "Baselines")."""
-    sgd_step(learner, x, y, niter)
-    return {}
+
+    name = "ST"
+
+    def step(self, learner: Learner, x: torch.Tensor, y: torch.Tensor, t: int, niter: int = 1) -> dict:
+        sgd_step(learner, x, y, niter)
+        return {}
 
 
-def pgd_perturb(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epsilon: float = 0.2,
-                step_size: float = 0.02, steps: int = 10, descend_with_kl: bool = False) -> torch.Tensor:
-    """PGD in the L∞ ball, no random start, model in eval mode (SPEC "Baselines", AT).
+class AdversarialTraining(Defender):
+    """AT: PGD within ε, then one SGD step on the perturbed batch (SPEC "Baselines"; quirk 2 for descent_kl)."""
 
-    Default: ascent on CE (real PGD). ``descend_with_kl``: the authors' variant, signed steps that
-    *descend* CE + KL(p(x) ‖ p(x')) (their KLDivLoss, mean over all elements).
-    """
-    x0 = x.detach()
-    x_adv = x0.clone()
-    with preserved_state(model):
-        model.eval()
-        if descend_with_kl:
-            with torch.no_grad():
-                p_nat = F.softmax(model(x0), dim=1)
-        for _ in range(steps):
-            x_adv.requires_grad_(True)
-            out = model(x_adv)
-            loss = F.cross_entropy(out, y)
-            if descend_with_kl:
-                loss = loss + (p_nat * (p_nat.clamp_min(1e-30).log() - F.log_softmax(out, dim=1))).mean()
-            (g,) = torch.autograd.grad(loss, x_adv)
-            direction = -1.0 if descend_with_kl else 1.0
-            x_adv = project_linf(x_adv.detach() + direction * step_size * g.sign(), x0, epsilon)
-    return x_adv.detach()
+    name = "AT"
 
+    def __init__(self, cfg: ATConfig):
+        self.cfg = cfg
 
-def adversarial_training(learner: Learner, x: torch.Tensor, y: torch.Tensor, t: int, niter: int = 1) -> dict:
-    """AT: PGD within ε, then one SGD step on the perturbed batch (SPEC "Baselines")."""
-    cfg = learner.extras["at"]
-    for _ in range(niter):
-        x_adv = pgd_perturb(learner.model, x, y, epsilon=cfg["epsilon"], step_size=cfg["step_size"],
-                            steps=cfg["steps"], descend_with_kl=cfg["descend_with_kl"])
-        sgd_step(learner, x_adv, y, 1)
-    return {}
+    @classmethod
+    def from_context(cls, ctx: "RunContext") -> "AdversarialTraining":
+        return cls(ctx.cfg.at)
+
+    def step(self, learner: Learner, x: torch.Tensor, y: torch.Tensor, t: int, niter: int = 1) -> dict:
+        for _ in range(niter):
+            x_adv = pgd_perturb(learner.model, x, y, epsilon=self.cfg.epsilon, step_size=self.cfg.step_size,
+                                steps=self.cfg.steps, descend_with_kl=self.cfg.descent_kl)
+            sgd_step(learner, x_adv, y, 1)
+        return {}
 
 
 def dsc_correct(model: nn.Module, memorized_model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
@@ -105,32 +123,69 @@ def dsc_correct(model: nn.Module, memorized_model: nn.Module, x: torch.Tensor, y
     return (x_c, taken) if return_steps else x_c
 
 
-def discrepancy_aware_correction(learner: Learner, x: torch.Tensor, y: torch.Tensor, t: int,
-                                 niter: int = 1) -> dict:
-    """DSC: correct the batch with threshold τ_t = τ0 + κ·t, then one SGD step on it (SPEC "DSC")."""
-    cfg = learner.extras["dsc"]
-    tau = cfg["tau0"] + cfg["kappa"] * t
-    steps = []
-    for _ in range(niter):
-        x_c, n = dsc_correct(learner.model, learner.extras["memorized"], x, y, threshold=tau,
-                             epsilon=cfg["epsilon"], step_size=cfg["step_size"], max_steps=cfg["max_steps"],
-                             return_steps=True)
-        steps.append(n)
-        sgd_step(learner, x_c, y, 1)
-    return {"dsc_tau": tau, "dsc_steps": sum(steps) / len(steps)}
+@dataclass(frozen=True)
+class DSCThreshold:
+    """τ_t = τ0 + κ·t (SPEC "DSC"), with how τ0 was set."""
+
+    tau0: float
+    kappa: float
+    calibrated: bool = False
+    clean_batch_md: tuple[float, ...] = ()
+
+    def at(self, t: int) -> float:
+        return self.tau0 + self.kappa * t
 
 
-# A defender: (learner, x, y, t, niter) -> dict of per-step facts to log. t: index of the batch in the stream.
-Defender = Callable[[Learner, torch.Tensor, torch.Tensor, int, int], dict]
+def calibrate_dsc(cfg: DSCConfig, model: nn.Module, memorized: nn.Module, split: Split, batch_size: int,
+                  generator: torch.Generator) -> DSCThreshold:
+    """Our extension to SPEC "DSC": τ0 := the cfg.calibrate-quantile of the mean MD of clean held-out batches,
+    κ scaled by the same factor; the paper's constants when cfg.calibrate is 0."""
+    if not cfg.calibrate:
+        return DSCThreshold(cfg.tau0, cfg.kappa)
+    idx = torch.randperm(len(split), generator=generator)[:cfg.calibrate_batches * batch_size]
+    idx = idx.view(cfg.calibrate_batches, -1)
+    means = torch.stack([memorization_discrepancy(model, memorized, split.batch(i)[0]).mean() for i in idx])
+    tau0 = torch.quantile(means.cpu(), cfg.calibrate).item()
+    return DSCThreshold(tau0, cfg.kappa * tau0 / cfg.tau0, True, tuple(means.tolist()))
 
-DEFENDERS: dict[str, Defender] = {"ST": standard_training, "AT": adversarial_training,
-                                  "DSC": discrepancy_aware_correction}
-ALIASES = {"OURS": "DSC"}
+
+class DiscrepancyAwareCorrection(Defender):
+    """DSC: correct the batch with threshold τ_t, then one SGD step on it (SPEC "DSC")."""
+
+    name = "DSC"
+
+    def __init__(self, cfg: DSCConfig, memorized: nn.Module, threshold: DSCThreshold):
+        self.cfg, self.memorized, self.threshold = cfg, memorized, threshold
+
+    @classmethod
+    def from_context(cls, ctx: "RunContext") -> "DiscrepancyAwareCorrection":
+        """τ0, κ from the flags, or calibrated on clean test batches (its own generator: seed + 2)."""
+        generator = torch.Generator().manual_seed(ctx.cfg.run.seed + 2)
+        threshold = calibrate_dsc(ctx.cfg.dsc, ctx.model, ctx.memorized, ctx.data.test, ctx.cfg.stream.batch_size,
+                                  generator)
+        if threshold.calibrated:
+            print(f"DSC calibrated: tau0 {threshold.tau0:.4f}, kappa {threshold.kappa:.5f} (quantile "
+                  f"{ctx.cfg.dsc.calibrate} of {ctx.cfg.dsc.calibrate_batches} clean batches)")
+        return cls(ctx.cfg.dsc, ctx.memorized, threshold)
+
+    def describe(self) -> dict:
+        return {"dsc": dataclasses.asdict(self.threshold)}
+
+    def step(self, learner: Learner, x: torch.Tensor, y: torch.Tensor, t: int, niter: int = 1) -> dict:
+        tau = self.threshold.at(t)
+        steps = []
+        for _ in range(niter):
+            x_c, n = dsc_correct(learner.model, self.memorized, x, y, threshold=tau, epsilon=self.cfg.epsilon,
+                                 step_size=self.cfg.step_size, max_steps=self.cfg.max_steps, return_steps=True)
+            steps.append(n)
+            sgd_step(learner, x_c, y, 1)
+        return {"dsc_tau": tau, "dsc_steps": sum(steps) / len(steps)}
+
+    def summary(self, records: list[dict]) -> dict:
+        steps = [r["dsc_steps"] for r in records]
+        return {"dsc_mean_steps": sum(steps) / len(steps) if steps else None}
 
 
-def get_defender(name: str) -> tuple[str, Defender]:
-    """The defender registered under ``name`` (case-insensitive; the authors' OURS means DSC)."""
-    key = ALIASES.get(name.upper(), name.upper())
-    if key not in DEFENDERS:
-        raise UserError(f"unknown --med {name!r}; known: {', '.join(DEFENDERS)}")
-    return key, DEFENDERS[key]
+# --med name -> defender class (the config accepts exactly these names; OURS is DSC)
+DEFENDERS: dict[str, type[Defender]] = {"ST": StandardTraining, "AT": AdversarialTraining,
+                                        "DSC": DiscrepancyAwareCorrection}

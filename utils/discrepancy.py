@@ -1,4 +1,4 @@
-"""Memorization Discrepancy (SPEC "Memorization Discrepancy", Zhu et al.)."""
+"""Memorization Discrepancy (SPEC "Memorization Discrepancy", Zhu et al.) and its variants (SPEC "Detectors")."""
 from __future__ import annotations
 
 import torch
@@ -13,6 +13,21 @@ def md_from_logits(logits_current: torch.Tensor, logits_memorized: torch.Tensor)
     log_p_mem = F.log_softmax(logits_memorized, dim=1)
     log_p_cur = F.log_softmax(logits_current, dim=1)
     return (log_p_mem.exp() * (log_p_mem - log_p_cur)).sum(dim=1)
+
+
+def reverse_md_from_logits(logits_current: torch.Tensor, logits_memorized: torch.Tensor) -> torch.Tensor:
+    """KL(p_cur ‖ p_mem) per sample: MD with the two models' roles swapped (SPEC "Detectors")."""
+    return md_from_logits(logits_memorized, logits_current)
+
+
+def js_md_from_logits(logits_current: torch.Tensor, logits_memorized: torch.Tensor) -> torch.Tensor:
+    """½·KL(p_mem ‖ m) + ½·KL(p_cur ‖ m), m = ½(p_mem + p_cur), per sample: the symmetric form (SPEC "Detectors")."""
+    log_p_mem = F.log_softmax(logits_memorized, dim=1)
+    log_p_cur = F.log_softmax(logits_current, dim=1)
+    log_m = torch.logaddexp(log_p_mem, log_p_cur) - torch.log(torch.tensor(2.0, dtype=log_p_cur.dtype))
+    kl_mem = (log_p_mem.exp() * (log_p_mem - log_m)).sum(dim=1)
+    kl_cur = (log_p_cur.exp() * (log_p_cur - log_m)).sum(dim=1)
+    return 0.5 * (kl_mem + kl_cur)
 
 
 @torch.no_grad()

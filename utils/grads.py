@@ -59,6 +59,20 @@ def check_budget(epsilon: float, num_steps: int) -> None:
 
 
 @contextlib.contextmanager
+def eval_mode(*models: nn.Module) -> Iterator[None]:
+    """Every module of the models in eval mode inside the block; each module's own mode restored after it."""
+    modes = [[m.training for m in model.modules()] for model in models]
+    try:
+        for model in models:
+            model.eval()
+        yield
+    finally:
+        for model, saved in zip(models, modes):
+            for m, mode in zip(model.modules(), saved):
+                m.training = mode
+
+
+@contextlib.contextmanager
 def preserved_state(model: nn.Module) -> Iterator[None]:
     """Leave the model as found: its train/eval mode per module and its buffers (BN running statistics)."""
     modes = [m.training for m in model.modules()]

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import os
+import platform
 import random
+import subprocess
 
 import numpy as np
 import torch
@@ -11,6 +13,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from utils.data import BatchLoader, Split
+from utils.distributed import Dist, all_sum, shard
 from utils.errors import UserError
 
 
@@ -27,6 +30,33 @@ def get_device(name: str | None = None) -> torch.device:
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise UserError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) here")
     return device
+
+
+def git_commit() -> dict:
+    """The code's git commit and whether the checkout has uncommitted changes (None outside a checkout)."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", repo, *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {"git_commit": commit, "git_dirty": bool(status) if status is not None else None}
+
+
+def environment(device: torch.device) -> dict:
+    """Code version, library versions, machine and the settings that decide bitwise reproducibility."""
+    import torchvision  # imported here: it is slow to import, and loading the data has imported it already
+
+    return {**git_commit(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "numpy": np.__version__, "python": platform.python_version(), "platform": platform.platform(),
+            "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "threads": torch.get_num_threads(), "deterministic": torch.are_deterministic_algorithms_enabled()}
 
 
 def set_seed(seed: int) -> None:
@@ -89,42 +119,60 @@ def cpu_eval_chunk(model: nn.Module, x: torch.Tensor, batch_size: int) -> int:
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, split: Split, batch_size: int = 1000) -> float:
+def evaluate(model: nn.Module, split: Split, batch_size: int = 1000, dist: Dist | None = None) -> float:
     """Test error of the model (eval mode) on a split, in [0, 1]; the model's mode is restored.
 
-    ``batch_size`` only sets the speed; on the CPU it is capped by ``cpu_eval_chunk``.
+    ``batch_size`` only sets the speed; on the CPU it is capped by ``cpu_eval_chunk``. Under torchrun (``dist``)
+    each rank counts its shard of the split and the counts are summed.
     """
     was_training = model.training
     model.eval()
     if split.x.device.type == "cpu" and len(split) > 0:
         batch_size = cpu_eval_chunk(model, split.batch(torch.arange(1))[0], batch_size)
+    indices = torch.arange(len(split))
+    if dist is not None and dist.on:
+        indices = indices.tensor_split(dist.world)[dist.rank]
     wrong = torch.zeros((), dtype=torch.long, device=split.y.device)  # one device sync, at the end
-    for i in range(0, len(split), batch_size):
-        x, y = split.batch(torch.arange(i, min(i + batch_size, len(split))))
+    for chunk in indices.split(batch_size):
+        x, y = split.batch(chunk)
         wrong += (model(x).argmax(1) != y).sum()
     model.train(was_training)
-    return wrong.item() / len(split)
+    return all_sum(wrong, dist or Dist()).item() / len(split)
 
 
-def train_epoch(model: nn.Module, loader: BatchLoader, optimizer: torch.optim.Optimizer,
-                desc: str = "train", clip_gradnorm: float | None = None) -> tuple[float, float]:
-    """One pass of SGD over the loader in train mode; returns (mean loss, train accuracy)."""
+def _batch_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, dist: Dist) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits of this rank's shard, the loss whose DDP-averaged gradient is that of the global batch's mean CE)."""
+    if not dist.on:
+        logits = model(x)
+        return logits, F.cross_entropy(logits, y)
+    xs, ys = shard(x, y, dist)
+    logits = model(xs)
+    return logits, F.cross_entropy(logits, ys, reduction="sum") * dist.world / len(y)
+
+
+def train_epoch(model: nn.Module, loader: BatchLoader, optimizer: torch.optim.Optimizer, desc: str = "train",
+                clip_gradnorm: float | None = None, dist: Dist | None = None) -> tuple[float, float]:
+    """One pass of SGD over the loader in train mode; returns (mean loss, train accuracy). Under torchrun every
+    rank takes its shard of each global batch (a last batch smaller than the number of ranks is skipped)."""
+    dist = dist or Dist()
     model.train()
     loss_sum = torch.zeros((), device=loader.split.x.device)
     correct = torch.zeros((), device=loader.split.x.device)
     seen = 0
-    for x, y in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None):
-        logits = model(x)
-        loss = F.cross_entropy(logits, y)
+    for x, y in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None if dist.main else True):
+        if len(y) < dist.world:
+            continue
+        logits, loss = _batch_loss(model, x, y, dist)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if clip_gradnorm is not None:
             nn.utils.clip_grad_norm_(model.parameters(), clip_gradnorm)
         optimizer.step()
-        loss_sum += loss.detach() * len(y)
-        correct += (logits.detach().argmax(1) == y).sum()
+        ys = shard(x, y, dist)[1]
+        loss_sum += loss.detach() * len(y) / dist.world
+        correct += (logits.detach().argmax(1) == ys).sum()
         seen += len(y)
-    loss_mean = loss_sum.item() / seen
+    loss_mean = all_sum(loss_sum, dist).item() / seen
     if not np.isfinite(loss_mean):
         raise UserError(f"the training loss became {loss_mean}; lower --lr or enable --clip_gradnorm")
-    return loss_mean, correct.item() / seen
+    return loss_mean, all_sum(correct, dist).item() / seen
