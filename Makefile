@@ -1,4 +1,5 @@
-# The two commands of the README:  make demo  (the CPU-scale job)  and  make test  (the test suite).
+# The two commands of the README:  make demo  (the CPU-scale job)  and  make test  (the test suite; make test-fast
+# skips the slow tests).
 # Both create the virtual environment (.venv) and fetch the offline dataset when missing.
 PYTHON ?= python3
 VENV   := .venv
@@ -6,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 FMNIST := data/FashionMNIST/raw/train-images-idx3-ubyte
 
-.PHONY: demo test venv data clean-venv
+.PHONY: demo test test-fast venv data clean-venv
 
 venv: $(STAMP)
 $(STAMP): requirements.txt requirements-dev.txt requirements-ray.txt
@@ -27,6 +28,10 @@ demo: $(STAMP) $(FMNIST)
 
 test: $(STAMP) $(FMNIST)
 	$(PY) -m pytest -q tests
+
+# The quick subset for iterating: everything but the tests marked slow (subprocesses, drivers, torchrun, Ray).
+test-fast: $(STAMP) $(FMNIST)
+	$(PY) -m pytest -q -m "not slow" tests
 
 clean-venv:
 	rm -rf $(VENV)

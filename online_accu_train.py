@@ -29,8 +29,8 @@ from utils.online import run_online
 NO_EFFECT = "accepted for the authors' command lines; no effect"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def authors_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of the authors' online_accu_train.py, with their defaults."""
     a = p.add_argument_group("the authors' flags")
     a.add_argument("--batch_size", default=100, type=int, help="arriving batch size")
     a.add_argument("--epochs", "--epoch", dest="epochs", default=1, type=int,
@@ -77,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--dataroot", default="data", help="dataset folder (torchvision layout)")
     a.add_argument("--workers", default=0, type=int, help=NO_EFFECT)
     a.add_argument("--distance", default="linf", choices=["linf"], help="threat model (only linf)")
+
+
+def project_flags(p: argparse.ArgumentParser) -> None:
+    """This project's flags: assertions, files, controls, the stop rule's variant, evaluation."""
     n = p.add_argument_group("this project's flags")
     n.add_argument("--dataset", default=None, help=f"assert the dataset ({', '.join(DATASETS)}); default: "
                    "the checkpoint's")
@@ -98,8 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--no_alignment", action="store_true", help="do not log A(g_trigger, g_val) per batch")
     n.add_argument("--deterministic", action="store_true", help="deterministic kernels only (slower on CUDA; "
                    "see utils/train.py)")
+    n.add_argument("--threads", default=0, type=int, help="torch's CPU threads (0: torch's default, the cores); "
+                   "results on the CPU depend on it")
     n.add_argument("--debug", action="store_true", help="show Python tracebacks")
-    m = p.add_argument_group("Memorization Discrepancy and DSC")
+
+
+def defence_flags(p: argparse.ArgumentParser) -> None:
+    """MD, the detectors, the adaptive attacker, DSC and AT."""
+    m = p.add_argument_group("Memorization Discrepancy, detectors and DSC")
     m.add_argument("--memorized_model", default=None, help="memorized (earlier) checkpoint; default: "
                    "<--resume>/epoch20.pth. Needed by DSC; for ST/AT it only adds the MD measurements")
     m.add_argument("--no_md", action="store_true", help="do not measure MD")
@@ -131,6 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--at_steps", default=10, type=int, help="PGD steps (no random start)")
     t.add_argument("--at_descent_kl", action="store_true", help="the authors' AT: steps that descend "
                    "CE + KL instead of ascending CE")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for flags in (authors_flags, project_flags, defence_flags):
+        flags(p)
     return p
 
 
@@ -149,7 +165,7 @@ def config_from_args(args: argparse.Namespace) -> OnlineConfig:
         run=RunConfig(resume=args.resume, model_name=args.model_name, memorized_model=args.memorized_model,
                       allow_other_run=args.allow_other_run, dataroot=args.dataroot, download=not args.no_download,
                       device=args.device, out=args.out, overwrite=args.overwrite, seed=args.seed,
-                      deterministic=args.deterministic, log_name=args.log_name, dataset=args.dataset,
+                      deterministic=args.deterministic, threads=args.threads, log_name=args.log_name, dataset=args.dataset,
                       arch=args.arch, norm="bn" if args.use_bn else ("gn" if args.group_norm else None)),
         stream=StreamConfig(batch_size=args.batch_size, steps=args.epochs, shuffle=args.shuffle,
                             reuse_first_batch=args.reuse_first_batch, augment=not args.no_stream_augment),

@@ -41,7 +41,7 @@ from utils.train import get_device
 OVERRIDES = {"dataset": str, "arch": str, "device": str, "ckpt": str, "dataroot": str, "width": int,
              "burnin_epochs": int, "save_freq": int, "online_epoch": int, "memorized_epoch": int, "epochs": int,
              "eval_subset": int, "lr": float, "epsilon": float, "threshold": float, "threshold_delta": float,
-             "dsc_calibrate": float}
+             "dsc_calibrate": float, "threads": int}
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--deterministic", action="store_true", help="deterministic kernels only (slower on CUDA; "
                    "see utils/train.py)")
+    p.add_argument("--threads", default=0, type=int, help="torch's CPU threads (0: torch's default, the cores); "
+                   "results on the CPU depend on it")
     p.add_argument("--debug", action="store_true", help="show Python tracebacks")
     return p
 

@@ -47,6 +47,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--eval_subset", type=int, default=2000)
     p.add_argument("--conditions", nargs="+", default=list(CONDITIONS), choices=CONDITIONS)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch's CPU threads (0: torch's default); results depend on it")
     p.add_argument("--dataroot", default="data")
     p.add_argument("--out", default="results/grid")
     p.add_argument("--no_run", action="store_true", help="only tabulate: cells with missing runs are left out")
@@ -61,7 +62,7 @@ def cell_config(args: argparse.Namespace, stream: str, eps: float, lr: float, co
     """The authors' base with this cell's stream, ε, lr, control and seed; the trigger alone ignores the stream."""
     cell = f"eps{eps:g}_lr{lr:g}" if cond == "trigger" else f"{stream}_eps{eps:g}_lr{lr:g}"
     return authors_config(
-        run={"resume": args.resume, "model_name": args.model_name, "seed": seed, "device": args.device,
+        run={"resume": args.resume, "model_name": args.model_name, "seed": seed, "device": args.device, "threads": args.threads,
              "dataroot": args.dataroot, "out": os.path.join(args.out, "runs", cell, f"{cond}_s{seed}")},
         stream={"steps": 0 if cond == "trigger" else args.epochs, "reuse_first_batch": stream == "reuse"},
         learner={"lr": lr}, attack={"epsilon": eps, "poison": cond != "clean"},

@@ -135,6 +135,9 @@ CASES: dict[str, Case] = {
     "save-freq-zero": Case(BURNIN, ["--save_freq", "0"], ["--save_freq", ">= 1"]),
     "burnin-epochs-zero": Case(BURNIN, ["--epochs", "0"], ["--epochs", ">= 1"]),
     "workers-negative": Case(ONLINE, ["--workers", "-1"], ["--workers", ">= 0"]),
+    "threads-negative": Case(ONLINE, ["--threads", "-1"], ["--threads", "[0, 4096]", "-1"]),
+    "burnin-threads-negative": Case(BURNIN, ["--threads", "-2"], ["--threads", "[0, 4096]", "-2"]),
+    "reproduce-threads-negative": Case(REPRO, ["--threads", "-1"], ["--threads", "[0, 4096]", "-1"]),
     # flags: combinations and sizes
     "both-thresholds": Case(ONLINE, ["--threshold", "0.2", "--threshold_delta", "0.05"],
                             ["exactly one of --threshold", "--threshold_delta"]),
@@ -175,8 +178,8 @@ CASES: dict[str, Case] = {
     "nan-burnin": Case(BURNIN, ["--lr", "1e30"], ["training loss", "lower --lr"], leaves="config"),
 }
 SUCCESS = {  # runs that must work
-    "repro-a": ONLINE + ["--deterministic", "--seed", "3"],
-    "repro-b": ONLINE + ["--deterministic", "--seed", "3"],
+    "repro-a": ONLINE + ["--deterministic", "--seed", "3", "--threads", "2"],
+    "repro-b": ONLINE + ["--deterministic", "--seed", "3", "--threads", "2"],
     "burnin-deterministic": BURNIN + ["--deterministic"],
     "burnin-overwrite": BURNIN + ["--overwrite"],  # {out} starts as a copy of the tiny run (see COPY_RUN)
     "after-failed-burnin": BURNIN + ["--outf", "{failed_burnin}"],  # the corrected command after nan-burnin
@@ -713,6 +716,7 @@ def test_same_seed_same_summary_through_the_cli(runs):
     env = config["environment"]
     assert env["torch"] == torch.__version__ and {"torchvision", "numpy", "python", "platform", "threads"} <= set(env)
     assert env["deterministic"] is True
+    assert run["threads"] == 2 and env["threads"] == 2  # --threads reached torch (the tests' processes start with 1)
 
 
 def test_burn_in_records_its_configuration(runs):

@@ -61,13 +61,14 @@ def test_torchrun_resume_equals_uninterrupted(repo_root, small_data, tmp_path):
 
 
 def test_ray_grid_equals_the_sequential_grid_and_reuses_finished_cells(repo_root, tiny_run, tmp_path):
-    """A 2-cell grid (its validation batch of 500 needs the real test set) on a local Ray instance of 2 CPUs."""
+    """A 2-cell grid (its validation batch of 500 needs the real test set) on a local Ray instance of 2 CPUs. The
+    grid pins 2 torch threads: a task takes the configuration's count, not its 1 CPU (results depend on it)."""
     pytest.importorskip("ray")
     grid = os.path.join(repo_root, "experiments", "grid.py")
     argv = [grid, "--resume", tiny_run, "--model_name", "epoch2.pth", "--dataroot", DATA_ROOT, "--streams",
             "reuse", "--eps", "0.05", "0.1", "--lr", "0.1", "--seeds", "1", "--epochs", "2", "--conditions",
-            "poison", "--eval_subset", "100", "--device", "cpu"]
-    seq = subprocess.run([sys.executable, *argv, "--out", str(tmp_path / "seq")], cwd=tmp_path, env=ENV, text=True,
+            "poison", "--eval_subset", "100", "--device", "cpu", "--threads", "2"]
+    seq = subprocess.run([sys.executable, *argv, "--out", "seq"], cwd=tmp_path, env=ENV, text=True,
                          capture_output=True, timeout=300)
     assert seq.returncode == 0, seq.stderr[-3000:]
     ray = [sys.executable, *argv, "--out", str(tmp_path / "ray"), "--ray", "--ray_local_cpus", "2"]
@@ -85,3 +86,10 @@ def test_ray_grid_equals_the_sequential_grid_and_reuses_finished_cells(repo_root
     again = subprocess.run(ray, cwd=tmp_path, env=ENV, text=True, capture_output=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert stamp == {run: os.path.getmtime(tmp_path / "ray" / run) for run in runs}  # finished cells reused
+    config = json.load(open(tmp_path / "ray" / os.path.dirname(runs[0]) / "config.json"))
+    assert config["config"]["run"]["threads"] == 2 and config["environment"]["threads"] == 2
+    stamp = {run: os.path.getmtime(tmp_path / "seq" / run) for run in runs}
+    over_seq = subprocess.run([*ray[:-5], "--out", "seq", *ray[-3:]], cwd=tmp_path, env=ENV,
+                              text=True, capture_output=True, timeout=600)
+    assert over_seq.returncode == 0, over_seq.stderr[-3000:]  # relative paths there, absolute in the tasks: same runs
+    assert stamp == {run: os.path.getmtime(tmp_path / "seq" / run) for run in runs}

@@ -22,7 +22,7 @@ from utils.distributed import Dist, agree, broadcast, setup, teardown, unwrap, w
 from utils.errors import UserError
 from utils.models import ModelSpec, build_model, model_spec
 from utils.results import FolderLock, append_jsonl, ensure_dir, read_jsonl, write_json, write_jsonl
-from utils.train import environment, evaluate, get_device, set_deterministic, set_seed, train_epoch
+from utils.train import environment, evaluate, get_device, set_deterministic, set_seed, set_threads, train_epoch
 
 RUN_FILES = ("last.pth", "history.jsonl", "log.txt", "config.json")  # besides epoch{N}.pth
 SAME_ON_RESUME = ("dataset", "arch", "width", "group_norm", "batch_size", "lr", "momentum", "weight_decay", "seed", "subset",
@@ -54,6 +54,7 @@ class BurnInConfig:
     seed: int = 0
     device: str | None = None
     deterministic: bool = False
+    threads: int = 0  # torch's CPU threads; 0: torch's default (results on the CPU depend on it)
     subset: int = 0  # > 0: train on the first N training samples only (reproduce.py --smoke)
 
     def __post_init__(self) -> None:
@@ -68,6 +69,7 @@ class BurnInConfig:
         check_number("--clipvalue", self.clipvalue, 0, low_open=True)
         check_number("--seed", self.seed, 0, 2 ** 32 - 1, integer=True)
         check_number("--subset", self.subset, 0, integer=True)
+        check_number("--threads", self.threads, 0, 4096, integer=True)
         if self.resume is not None and self.overwrite:
             raise UserError("--resume continues the run in the folder and --overwrite replaces it: give one")
         self.spec()  # a known dataset and arch
@@ -220,6 +222,7 @@ def load_training_data(cfg: BurnInConfig, dist: Dist, generator: torch.Generator
 
 def run_burn_in(cfg: BurnInConfig) -> str:
     """Train (or continue) a burn-in run, in one process or as one rank of a torchrun job; returns its run id."""
+    set_threads(cfg.threads)
     dist = setup(get_device(cfg.device))
     try:
         if cfg.deterministic:

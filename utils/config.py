@@ -67,6 +67,7 @@ class RunConfig:
     overwrite: bool = False
     seed: int = 20
     deterministic: bool = False
+    threads: int = 0  # --threads: torch's CPU threads; 0: torch's default (results on the CPU depend on it)
     log_name: str = "log.txt"
     dataset: str | None = None  # --dataset / --arch / --use_bn, --group_norm: assertions against the checkpoint
     arch: str | None = None
@@ -74,6 +75,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         check_number("--seed", self.seed, 0, SEED_MAX, integer=True)
+        check_number("--threads", self.threads, 0, 4096, integer=True)
         if not self.log_name or os.path.basename(self.log_name) != self.log_name or self.log_name in RESERVED:
             raise UserError(f"--log_name must be a plain file name other than {', '.join(RESERVED)}, "
                             f"got {self.log_name!r}")

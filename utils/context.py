@@ -20,7 +20,7 @@ from utils.defenses import Learner
 from utils.errors import UserError
 from utils.models import ModelSpec
 from utils.stream import Stream, mix, poison_mask, sign_noise
-from utils.train import get_device, set_deterministic, set_seed
+from utils.train import get_device, set_deterministic, set_seed, set_threads
 
 
 @dataclass
@@ -135,6 +135,7 @@ def _check_sizes(cfg: OnlineConfig, test: Split) -> None:
 
 def build_context(cfg: OnlineConfig) -> RunContext:
     """Load and draw everything a run needs, in a fixed order of random draws (so a seed fixes the run)."""
+    set_threads(cfg.run.threads)
     device = get_device(cfg.run.device)
     if cfg.run.deterministic:
         set_deterministic(device)

@@ -15,8 +15,8 @@ from tqdm import tqdm
 
 from utils.attack import craft_accumulative_poison, craft_poisoned_trigger, trigger_alignment
 from utils.config import AttackConfig, OnlineConfig
-from utils.context import Arrival, RunContext, build_context, default_out
 from utils import defenses, measure
+from utils.context import Arrival, RunContext, build_context, default_out
 from utils.defenses import Defender
 from utils.errors import UserError
 from utils.measure import Measurement
@@ -25,7 +25,6 @@ from utils.stream import mix
 from utils.train import environment, evaluate
 
 RESULTS = ("steps.jsonl", "md.jsonl", "detectors.jsonl", "summary.json")  # a run's files besides config.json
-TIMING_FIELDS = ("stream_s", "craft_s", "defend_s", "eval_s", "step_s", "trigger_step_s", "total_seconds")
 
 
 class Attacker:

@@ -70,14 +70,15 @@ def detector_rows(plain: list[dict], adaptive: dict[str, list[dict]]) -> tuple[l
     """Per detector: AUROC and TPR at 5 % FPR against the plain attacker's runs (mean ± std over seeds), and the
     AUROC vs clean against each adaptive attacker's runs; returns the rows and their headers."""
     headers = dict(DETECTORS)
-    headers.update({f"adaptive_{k}": f"AUROC vs clean, {k}" for k in adaptive})
+    column = {k: "auroc_poison_vs_clean_adaptive_" + k.replace("λ=", "l") for k in adaptive}  # ASCII CSV keys
+    headers.update({column[k]: f"AUROC vs clean, adaptive {k}" for k in adaptive})
     rows = []
     for name in (plain[0].get("detectors") or {}) if plain else ():
         row = {"detector": name, "seeds": len(plain)}
         for key in list(DETECTORS)[2:]:
             row[key] = mean_std([r["detectors"][name][key] for r in plain], digits=3)
         for label, runs in adaptive.items():
-            row[f"adaptive_{label}"] = mean_std([r["detectors"][name]["auroc_poison_vs_clean"] for r in runs
+            row[column[label]] = mean_std([r["detectors"][name]["auroc_poison_vs_clean"] for r in runs
                                                  if name in r.get("detectors", {})], digits=3)
         rows.append(row)
     return rows, headers

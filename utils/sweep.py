@@ -17,8 +17,10 @@ from utils.config import OnlineConfig, check_number, replace
 from utils.errors import UserError
 from utils.online import run_online
 from utils.results import read_json
+from utils.train import set_threads
 
 IGNORED = ("run.overwrite",)  # fields that do not change a run's results
+PATHS = ("run.resume", "run.dataroot", "run.out", "run.memorized_model", "measure.md_curve")  # compared resolved
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -32,9 +34,22 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _absolute(value: Any) -> Any:
+    """A path (or list of paths) made absolute from this process's folder; anything else unchanged."""
+    if isinstance(value, list):
+        return [_absolute(v) for v in value]
+    return os.path.abspath(value) if isinstance(value, str) else value
+
+
+def resolved(flat: dict[str, Any]) -> dict[str, Any]:
+    """The path fields made absolute: a relative and an absolute path to the same file are the same
+    configuration (Ray tasks get absolute paths)."""
+    return {k: _absolute(v) if k in PATHS else v for k, v in flat.items()}
+
+
 def config_diff(saved: dict, wanted: dict) -> list[str]:
     """The fields where two configurations differ, as 'name: saved -> wanted' (ignoring IGNORED)."""
-    a, b = flatten(saved), flatten(wanted)
+    a, b = resolved(flatten(saved)), resolved(flatten(wanted))
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(a.keys() | b.keys())
             if k not in IGNORED and a.get(k) != b.get(k)]
 
@@ -108,7 +123,7 @@ class RayOptions:
 
     address: str | None = None  # None: a local Ray instance; else an existing cluster ("auto", "host:6379")
     task_gpus: float | None = None  # per task; None: 1 when the cluster has GPUs, else 0
-    task_cpus: float = 1.0  # per task (also the task's torch threads)
+    task_cpus: float = 1.0  # per task (also the task's torch threads, unless the configuration pins them)
     local_cpus: int | None = None  # the size of a local instance (None: the machine's)
 
     def __post_init__(self) -> None:
@@ -127,7 +142,8 @@ def add_ray_flags(p: argparse.ArgumentParser) -> None:
                    "cluster at ADDRESS (e.g. auto, or host:6379 of `ray start --head`)")
     g.add_argument("--ray_task_gpus", type=float, default=None, help="GPUs per task (default: 1 when the "
                    "cluster has GPUs, else 0; a fraction shares a GPU)")
-    g.add_argument("--ray_task_cpus", type=float, default=1.0, help="CPUs per task (and its torch threads)")
+    g.add_argument("--ray_task_cpus", type=float, default=1.0, help="CPUs per task (and its torch threads); "
+                   "a configuration that pins --threads N (the cpu presets) reserves max(this, N) and uses N threads")
     g.add_argument("--ray_local_cpus", type=int, default=None, help="CPUs of a local Ray instance")
 
 
@@ -140,26 +156,25 @@ def ray_options(args: argparse.Namespace) -> RayOptions | None:
 
 def absolute(cfg: OnlineConfig) -> OnlineConfig:
     """The configuration with its paths absolute, so a Ray worker (another working folder) finds them."""
-    run, measure = cfg.run, cfg.measure
-    return replace(cfg, run={"resume": os.path.abspath(run.resume), "dataroot": os.path.abspath(run.dataroot),
-                             "out": os.path.abspath(run.out) if run.out else None,
-                             "memorized_model": os.path.abspath(run.memorized_model) if run.memorized_model
-                             else None},
-                   measure={"md_curve": tuple(os.path.abspath(p) for p in measure.md_curve)})
+    run = cfg.run
+    return replace(cfg, run={k: _absolute(getattr(run, k)) for k in ("resume", "dataroot", "out", "memorized_model")},
+                   measure={"md_curve": tuple(_absolute(list(cfg.measure.md_curve)))})
+
+
+def task_threads(options: RayOptions, pinned: int) -> tuple[float, int]:
+    """A task's CPUs to reserve and its torch threads: the configuration's pinned thread count (results on the
+    CPU depend on it), reserved as at least as many CPUs; else --ray_task_cpus for both."""
+    return max(options.task_cpus, pinned), pinned or max(1, int(options.task_cpus))
 
 
 def _burn_in_task(cfg: BurnInConfig, epochs: list[int], fresh: bool, threads: int) -> str:
-    import torch
-
-    torch.set_num_threads(threads)
+    set_threads(threads)
     ensure_burn_in(cfg, epochs, fresh)
     return cfg.outf
 
 
 def _online_task(cfg: OnlineConfig, fresh: bool, threads: int, *burn_in_done: str) -> dict:
-    import torch
-
-    torch.set_num_threads(threads)
+    set_threads(threads)
     return ensure_online(cfg, fresh)
 
 
@@ -194,16 +209,20 @@ def run_on_ray(burn_ins: list[tuple[BurnInConfig, list[int]]], runs: list[tuple[
     retried once; finished runs are reused here; failures are reported together, never dropped."""
     ray = start_ray(options)
     gpus = options.task_gpus if options.task_gpus is not None else float(ray.cluster_resources().get("GPU", 0) > 0)
-    threads = max(1, int(options.task_cpus))
-    opts = dict(num_cpus=options.task_cpus, num_gpus=gpus, max_retries=1, retry_exceptions=True)
+    opts = dict(num_gpus=gpus, max_retries=1, retry_exceptions=True)
     done = [finished_summary(absolute(cfg), fresh) for cfg, _ in runs]
     needed = {i for (_, i), d in zip(runs, done) if d is None}
-    burn = {i: ray.remote(_burn_in_task).options(**opts).remote(
-        dataclasses.replace(b, outf=os.path.abspath(b.outf), dataroot=os.path.abspath(b.dataroot)), e, fresh, threads)
-        for i, (b, e) in enumerate(burn_ins) if i in needed}
-    refs = [None if d is not None else ray.remote(_online_task).options(**opts).remote(absolute(cfg), fresh, threads,
-                                                                                         burn.get(i))
-            for (cfg, i), d in zip(runs, done)]
+    burn = {}
+    for i, (b, epochs) in enumerate(burn_ins):
+        if i in needed:
+            cpus, threads = task_threads(options, b.threads)
+            b = dataclasses.replace(b, outf=os.path.abspath(b.outf), dataroot=os.path.abspath(b.dataroot))
+            burn[i] = ray.remote(_burn_in_task).options(num_cpus=cpus, **opts).remote(b, epochs, fresh, threads)
+    refs = []
+    for (cfg, i), d in zip(runs, done):
+        cpus, threads = task_threads(options, cfg.run.threads)
+        refs.append(None if d is not None else ray.remote(_online_task).options(num_cpus=cpus, **opts).remote(
+            absolute(cfg), fresh, threads, burn.get(i)))
     results, failures = [], []
     for (cfg, _), d, ref in zip(runs, done, refs):
         try:

@@ -66,6 +66,13 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def set_threads(threads: int) -> None:
+    """torch's intra-op CPU threads (0: leave torch's default, the machine's cores). CPU results depend on it:
+    the threads split the floating-point sums, and the online phase amplifies a last-bit difference."""
+    if threads:
+        torch.set_num_threads(threads)
+
+
 def set_deterministic(device: torch.device) -> None:
     """Deterministic algorithms only, cuDNN autotuning off; on CUDA also cuBLAS's fixed workspace.
 

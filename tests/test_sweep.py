@@ -1,0 +1,45 @@
+"""What decides whether a finished run is reused (utils/sweep.py), and the thread count that CPU results depend on
+(the cpu preset pins it, so a machine with more cores reproduces docs/results/cpu)."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from utils.presets import CPU_THREADS, LADDER, capacity_rung, cpu_preset, paper_preset, with_overrides
+from utils.sweep import config_diff
+from utils.train import set_threads
+
+
+def test_config_diff_resolves_paths_and_sees_the_thread_count(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    saved = {"run": {"out": "results/cpu/runs/ST_s20", "threads": 2}, "measure": {"md_curve": ["ck/epoch1.pth"]}}
+    same = {"run": {"out": str(tmp_path / "results/cpu/runs/ST_s20"), "threads": 2},
+            "measure": {"md_curve": (str(tmp_path / "ck/epoch1.pth"),)}}
+    assert config_diff(saved, same) == []  # a sequential run's relative paths are a Ray task's absolute ones
+    assert config_diff(saved, {**same, "run": {**same["run"], "threads": 1}}) == ["run.threads: 2 -> 1"]
+    other = {**same, "measure": {"md_curve": (str(tmp_path / "ck/epoch2.pth"),)}}
+    assert [d.split(":")[0] for d in config_diff(saved, other)] == ["measure.md_curve"]
+    assert config_diff({"run": {"out": "a"}}, {"run": {"out": None}}) == [f"run.out: {os.path.abspath('a')!r} -> None"]
+
+
+def test_the_cpu_presets_pin_the_thread_count_of_their_burn_in_and_every_run():
+    presets = [cpu_preset(), *(capacity_rung(name) for name in LADDER)]
+    for preset in presets:
+        assert preset.burn_in.threads == CPU_THREADS
+        assert {preset.run_config(row, 20, "out").run.threads for row in preset.rows()} == {CPU_THREADS}
+    paper = paper_preset()  # a GPU run: torch's default
+    assert paper.burn_in.threads == 0 and paper.base.run.threads == 0
+    four = with_overrides(cpu_preset(), {"threads": 4})
+    assert four.burn_in.threads == 4 and four.base.run.threads == 4
+
+
+def test_set_threads_sets_torchs_count_and_zero_leaves_it():
+    before = torch.get_num_threads()
+    try:
+        set_threads(0)
+        assert torch.get_num_threads() == before
+        set_threads(before + 1)
+        assert torch.get_num_threads() == before + 1
+    finally:
+        torch.set_num_threads(before)
