@@ -224,6 +224,7 @@ def run_burn_in(cfg: BurnInConfig) -> str:
     """Train (or continue) a burn-in run, in one process or as one rank of a torchrun job; returns its run id."""
     set_threads(cfg.threads)
     dist = setup(get_device(cfg.device))
+    state = loader = None
     try:
         if cfg.deterministic:
             set_deterministic(dist.device)
@@ -244,9 +245,12 @@ def run_burn_in(cfg: BurnInConfig) -> str:
             finally:
                 agree(ok, dist, "to prepare --outf")
             train_epochs(cfg, state, loader, test, dist)
+        agree(True, dist, "the burn-in")  # every rank done (rank 0 has written its last checkpoint) before any leaves
+        run_id = state.run_id
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM (utils.errors.Terminated): the same type
         raise type(e)(f"the checkpoints of finished epochs are kept in {cfg.outf!r}; continue with the same "
                       f"command plus --resume") from None
     finally:
+        state = loader = None  # the DDP model goes before its process group (gloo's threads must not outlive it)
         teardown(dist)
-    return state.run_id
+    return run_id

@@ -7,6 +7,7 @@ global batch's mean loss, whatever the shards' sizes.
 """
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -56,7 +57,10 @@ def setup(device: torch.device) -> Dist:
 
 
 def teardown(dist: Dist) -> None:
+    """Leave the torchrun job: free what still holds the process group (a DDP model), then destroy it, so that no
+    gloo thread is left to the interpreter's exit (it aborts the process there)."""
     if dist.on and tdist.is_initialized():
+        gc.collect()
         tdist.destroy_process_group()
 
 
