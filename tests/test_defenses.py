@@ -12,7 +12,7 @@ from utils.attack import pgd_perturb
 from utils.config import DSCConfig, defence_name
 from utils.data import Split
 from utils.defenses import DEFENDERS, Defender, DSCThreshold, Learner, calibrate_dsc, dsc_correct
-from utils.discrepancy import memorization_discrepancy
+from utils.discrepancy import memorization_discrepancies, memorization_discrepancy
 from utils.errors import UserError
 from utils.metrics import auroc
 
@@ -41,6 +41,22 @@ def test_md_is_kl_of_memorized_to_current(models):
         expected = F.kl_div(F.log_softmax(model(x), 1), F.softmax(memorized(x), 1), reduction="none").sum(1)
     torch.testing.assert_close(md, expected, atol=1e-5, rtol=1e-4)
     assert (md > 0).all()
+
+
+def test_md_against_several_memorized_models_equals_one_at_a_time(models):
+    """The MD curve's shared forward pass of the current model changes no value, and leaves every mode as found."""
+    model, memorized, x, _ = models
+    modes = model.training, memorized.training
+    model.train()
+    memorized.train()
+    identical = copy.deepcopy(model)
+    together = memorization_discrepancies(model, [memorized, identical], x)
+    assert model.training and memorized.training and identical.training
+    for md, other in zip(together, (memorized, identical)):
+        assert torch.equal(md, memorization_discrepancy(model, other, x))
+    assert together[1].abs().max().item() < 1e-5 < together[0].min().item()
+    model.train(modes[0])
+    memorized.train(modes[1])
 
 
 def test_dsc_leaves_a_batch_below_threshold_unchanged(models):

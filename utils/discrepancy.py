@@ -1,6 +1,8 @@
 """Memorization Discrepancy (SPEC "Memorization Discrepancy", Zhu et al.) and its variants (SPEC "Detectors")."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -33,7 +35,17 @@ def js_md_from_logits(logits_current: torch.Tensor, logits_memorized: torch.Tens
 @torch.no_grad()
 def memorization_discrepancy(model: nn.Module, memorized_model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """MD(x) = KL(p(x; θ_mem) ‖ p(x; θ_t)) per sample, both models in eval mode (SPEC "Memorization Discrepancy")."""
-    with preserved_state(model), preserved_state(memorized_model):
-        model.eval()
-        memorized_model.eval()
-        return md_from_logits(model(x), memorized_model(x)).clamp_min_(0.0)
+    return memorization_discrepancies(model, [memorized_model], x)[0]
+
+
+@torch.no_grad()
+def memorization_discrepancies(model: nn.Module, memorized_models: list[nn.Module],
+                               x: torch.Tensor) -> list[torch.Tensor]:
+    """MD(x) against each memorized model, the current model's forward pass done once (SPEC "Memorization
+    Discrepancy"; the MD curve of SPEC "Detectors")."""
+    with contextlib.ExitStack() as stack:
+        for m in [model, *memorized_models]:
+            stack.enter_context(preserved_state(m))
+            m.eval()
+        logits = model(x)
+        return [md_from_logits(logits, memorized(x)).clamp_min_(0.0) for memorized in memorized_models]

@@ -9,11 +9,12 @@ import copy
 import os
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from utils.checkpoint import weights_digest
 from utils.detectors import DETECTORS, ReferenceFit, batch_view, build_detectors, fit_reference, split_view
-from utils.discrepancy import memorization_discrepancy
+from utils.discrepancy import memorization_discrepancies, memorization_discrepancy
 from utils.errors import UserError
 from utils.metrics import auroc, tpr_at_fpr
 from utils.results import append_jsonl, atomic_write
@@ -49,12 +50,17 @@ class Measurement:
         return {}
 
 
+def concatenated(positive: list[torch.Tensor], negative: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray] | None:
+    """The scores of each side, concatenated; None when either side is empty."""
+    p = torch.cat(positive) if positive else torch.empty(0)
+    n = torch.cat(negative) if negative else torch.empty(0)
+    return (p.double().numpy(), n.double().numpy()) if len(p) and len(n) else None
+
+
 def auroc_or_none(positive: list[torch.Tensor], negative: list[torch.Tensor]) -> float | None:
     """AUROC of the concatenated scores, None when either side is empty (SPEC "Detectors")."""
-    if not positive or not negative:
-        return None
-    p, n = torch.cat(positive), torch.cat(negative)
-    return auroc(p.numpy(), n.numpy()) if len(p) and len(n) else None
+    scores = concatenated(positive, negative)
+    return None if scores is None else auroc(*scores)
 
 
 class MemorizationDiscrepancy(Measurement):
@@ -141,10 +147,10 @@ def cached_reference_fit(ctx: "RunContext", reference: torch.nn.Module) -> Refer
 
 def roc_figures(pos: list[torch.Tensor], neg: list[torch.Tensor]) -> dict:
     """AUROC and TPR at 5 % FPR of positives against negatives (SPEC "Detectors"); None when a side is empty."""
-    if not pos or not neg or not len(torch.cat(pos)) or not len(torch.cat(neg)):
+    scores = concatenated(pos, neg)
+    if scores is None:
         return {"auroc": None, "tpr_at_5fpr": None}
-    p, n = torch.cat(pos).double().numpy(), torch.cat(neg).double().numpy()
-    return {"auroc": auroc(p, n), "tpr_at_5fpr": tpr_at_fpr(p, n, 0.05)}
+    return {"auroc": auroc(*scores), "tpr_at_5fpr": tpr_at_fpr(*scores, 0.05)}
 
 
 class DetectorScores(Measurement):
@@ -216,12 +222,10 @@ class MDCurve(Measurement):
         return cls(ctx) if ctx.cfg.measure.md_curve else None
 
     def measure(self, run: "OnlineRun", a: "Arrival") -> dict:
-        model = run.ctx.model
-        for path, memorized in self.models.items():
-            v = self.values[path]
-            v["poison"].append(memorization_discrepancy(model, memorized, a.x_in)[a.mask].cpu())
-            v["clean"].append(memorization_discrepancy(model, memorized, a.x).cpu())
-            v["noise"].append(memorization_discrepancy(model, memorized, a.noisy)[a.mask].cpu())
+        for kind, x, keep in (("poison", a.x_in, a.mask), ("clean", a.x, None), ("noise", a.noisy, a.mask)):
+            mds = memorization_discrepancies(run.ctx.model, list(self.models.values()), x)
+            for path, md in zip(self.models, mds):
+                self.values[path][kind].append((md if keep is None else md[keep]).cpu())
         return {}
 
     def summary(self) -> dict:
