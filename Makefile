@@ -10,10 +10,10 @@ FMNIST := data/FashionMNIST/raw/train-images-idx3-ubyte
 .PHONY: demo test test-fast venv data clean-venv
 
 venv: $(STAMP)
-$(STAMP): requirements.txt requirements-dev.txt requirements-ray.txt
+$(STAMP): pyproject.toml requirements.txt requirements-dev.txt requirements-ray.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --upgrade pip
-	$(VENV)/bin/pip install -r requirements-dev.txt
+	$(VENV)/bin/pip install -r requirements-dev.txt  # the project itself (pip install -e .[dev]): torch and torchvision together
 	$(PY) -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
 	touch $@
 

@@ -26,25 +26,24 @@ import os
 import time
 from typing import Sequence
 
-from utils import plots
-from utils.checkpoint import load_checkpoint, model_from_checkpoint
-from utils.data import get_data
+from utils.core.checkpoint import load_checkpoint, model_from_checkpoint
+from utils.core.data import get_data
+from utils.core.train import get_device
 from utils.errors import run_cli
-from utils.presets import LADDER, PRESETS, Preset, capacity_rung, smoke, with_overrides
-from utils.report import LADDER as LADDER_COLUMNS
-from utils.report import MAIN, MD_CURVE, detector_rows, ladder_rows, md_curve_rows, table_rows, write_table
-from utils.results import FolderLock, ensure_dir, read_json, read_jsonl, write_json
-from utils.sweep import RayOptions, add_ray_flags, ray_options, refuse_other_burn_in, run_sweep
-from utils.timing import online_step_costs
-from utils.train import get_device
-
-OVERRIDES = {"dataset": str, "arch": str, "device": str, "ckpt": str, "dataroot": str, "width": int,
-             "burnin_epochs": int, "save_freq": int, "online_epoch": int, "memorized_epoch": int, "epochs": int,
-             "eval_subset": int, "lr": float, "epsilon": float, "threshold": float, "threshold_delta": float,
-             "dsc_calibrate": float, "threads": int}
+from utils.io.results import FolderLock, ensure_dir, read_json, read_jsonl, write_json
+from utils.report import plots
+from utils.report.tables import LADDER as LADDER_COLUMNS
+from utils.report.tables import MAIN, MD_CURVE, detector_rows, ladder_rows, md_curve_rows, table_rows, write_table
+from utils.report.timing import online_step_costs
+from utils.sweep.on_ray import RayOptions, add_ray_flags, ray_options
+from utils.sweep.overrides import add_override_flags, overrides_from_args, with_overrides
+from utils.sweep.presets import LADDER, PRESETS, Preset, capacity_rung, smoke
+from utils.sweep.reuse import refuse_other_burn_in
+from utils.sweep.runs import run_sweep
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """Every flag of reproduce.py (the overrides generated from the fields they set)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="cpu", choices=[*PRESETS, "capacity"])
     p.add_argument("--smoke", action="store_true", help="every stage with tiny sizes (a burn-in of two epochs on "
@@ -53,14 +52,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="results folder (default results/<preset>[_smoke])")
     p.add_argument("--fresh", action="store_true", help="replace finished runs and burn-ins of another configuration")
     p.add_argument("--debug", action="store_true", help="show Python tracebacks")
-    o = p.add_argument_group("overrides of the preset's values (they reach the burn-in and every run)")
-    for key, kind in OVERRIDES.items():
-        o.add_argument(f"--{key}", default=None, type=kind)
-    o.add_argument("--stream", default=None, choices=["distinct", "reuse"],
-                   help="distinct batches (SPEC default) or the authors' reuse of the first batch")
-    o.add_argument("--seeds", nargs="+", type=int, default=None)
+    add_override_flags(p)
     add_ray_flags(p)
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def title(preset: Preset) -> str:
@@ -158,7 +156,7 @@ def run_capacity(args: argparse.Namespace, overrides: dict, ray: RayOptions | No
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    overrides = {k: getattr(args, k) for k in (*OVERRIDES, "stream", "seeds")}
+    overrides = overrides_from_args(args)
     started = time.time()
     ray = ray_options(args)
     if args.preset == "capacity":

@@ -17,18 +17,11 @@ random labels shaped like the dataset, and a freshly initialised model built fro
 
 FLOORS. Each crafting/defence cost is also given as a ratio to its floor: the time of the bare forward /
 backward passes that the SPEC's mathematics needs, timed directly with ``torch.autograd.grad`` on the same
-model and batch sizes (no project code involved; the primitives, the timer and the formulas are in
-``utils/timing.py``, whose ``crafting_floor_ratio`` gives crafting's ratio for any model):
+model and batch sizes (no project code involved). The primitives, the timer and the floors' one definition
+(``floor_terms``) are in ``utils/report/timing.py``; the report prints each formula beside its cost.
 
-  trigger crafting        floor = fb(val) + K * step(batch)
-  accumulative crafting   floor = second + fb(batch) + K * step(batch)
-  AT step                 floor = 10 * xgrad(batch) + fb_train(batch)
-  DSC step (tau = 0)      floor = 10 * (xgrad(batch) + fwd_ng(batch)) + fb_train(batch)
-  full evaluation         floor = (test_size / b) * fwd_ng(b), b the batch evaluate really uses (on the
-                          CPU capped by utils.train.cpu_eval_chunk)
-
-BASELINE. The reference with the structure of the authors' code (``tests/reference_attack.py``; its equality
-with ours on a tiny model is ``tests/test_reference.py``), timed in the same run, in alternation with ours
+BASELINE. The reference with the structure of the authors' code (``bench/reference_attack.py``, beside this script; its
+equality with ours on a tiny model is ``tests/test_reference.py``), timed in the same run, in alternation with ours
 (round after round, ``--baseline_repeats`` rounds after a warm-up round), so that background load that comes
 and goes hits both alike; the speed-ups are taken from these alternated timings:
 
@@ -67,34 +60,28 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
-import platform
 import statistics
 import sys
 from dataclasses import dataclass, field
 from typing import Callable
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-for _path in (os.path.join(REPO, "tests"), REPO):
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader
 
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
-
-from reference_attack import authors_test_loader, baseline_craft_accu, baseline_sgd_step, baseline_test  # noqa: E402
-from utils.attack import craft_accumulative_poison, craft_poisoned_trigger  # noqa: E402
-from utils.config import ATConfig, DSCConfig  # noqa: E402
-from utils.data import DATASETS, Split  # noqa: E402
-from utils.defenses import (AdversarialTraining, Defender, DiscrepancyAwareCorrection, DSCThreshold,  # noqa: E402
-                            Learner, StandardTraining)
-from utils.grads import param_grads  # noqa: E402
-from utils.models import build_model, model_spec  # noqa: E402
-from utils.timing import (FB, FB_TRAIN, FB_VAL, FWD_NG, FWD_NG_EVAL, ONLINE, SECOND, STEP, XGRAD,  # noqa: E402
-                          Primitives, Timer, floor_formulas, floors, peak_memory)
-from utils.train import cpu_eval_chunk, evaluate, get_device  # noqa: E402
+from reference_attack import authors_test_loader, baseline_craft_accu, baseline_sgd_step, baseline_test
+from utils.attack.craft import craft_accumulative_poison, craft_poisoned_trigger
+from utils.core.data import DATASETS, Split
+from utils.core.grads import param_grads
+from utils.core.models import build_model, model_spec
+from utils.core.train import Learner, cpu_eval_chunk, environment as library_environment, evaluate, get_device
+from utils.defense.config import ATConfig, DSCConfig
+from utils.defense.defenders import AdversarialTraining, Defender, DiscrepancyAwareCorrection, StandardTraining
+from utils.defense.dsc import DSCThreshold
+from utils.io.results import write_json
+from utils.report.timing import (FB, FB_TRAIN, FB_VAL, FWD_NG, FWD_NG_EVAL, ONLINE, SECOND, STEP, XGRAD, Primitives,
+                                 Timer, floor_formulas, floors, peak_memory)
 
 EPS = 0.2
 AT_CFG = ATConfig(epsilon=0.2, step_size=0.02, steps=10)
@@ -184,7 +171,7 @@ class Bench:
 
     def save_partial(self) -> None:
         """Write what is measured so far (a run killed half-way, e.g. out of memory, leaves its figures)."""
-        write_json(self.args.json, {"partial": True, "env": self.env, "timings": self.res, "memory": self.memory})
+        save_json(self.args.json, {"partial": True, "env": self.env, "timings": self.res, "memory": self.memory})
 
     def run(self, name: str, fn: Callable[[], object], setup: Callable[[], None] | None = None,
             memory_key: str | None = None) -> None:
@@ -221,12 +208,10 @@ class Bench:
                                    epsilon=EPS, num_steps=self.args.num_steps, recompute=recompute)
 
 
-def write_json(path: str | None, figures: dict) -> None:
-    """Write the figures as JSON (nothing without a path)."""
+def save_json(path: str | None, figures: dict) -> None:
+    """Write the figures as JSON with the library's writer (nothing without a path)."""
     if path:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(figures, f, indent=2)
+        write_json(path, figures)
 
 
 def make_model(args: argparse.Namespace, device: torch.device, fmt: torch.memory_format) -> tuple[nn.Module, nn.Module]:
@@ -282,12 +267,11 @@ def build(args: argparse.Namespace) -> Bench:
 
 
 def environment(b: Bench) -> dict:
-    """The versions, machine and sizes of the run."""
+    """The library's environment (versions, commit, machine, threads) and the run's sizes."""
     a, device, info = b.args, b.device, DATASETS[b.args.dataset]
     shape = "x".join(map(str, (info.in_channels, info.image_size, info.image_size)))
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
-    return {"torch": torch.__version__, "python": platform.python_version(), "device": str(device),
-            "device_name": name, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+    lib = library_environment(device)
+    return {**lib, "device": str(device), "device_name": lib["gpu"] or lib["platform"], "cpu_count": os.cpu_count(),
             "arch": a.arch, "width": a.width or ("64" if a.arch == "resnet18" else "16"),
             "dataset_shape": f"{a.dataset} {shape}", "batch_size": a.batch_size, "val_size": a.val_size,
             "test_size": a.test_size, "eval_batch_size": a.eval_batch_size, "K": a.num_steps,
@@ -561,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
     speed, bound = speedups(b, fl)
     report(b, fl, formulas, speed, bound, identity, fmt_cmp, warning)
 
-    write_json(args.json, {"partial": False, "env": b.env, "timings": b.res, "floors_s": fl,
+    save_json(args.json, {"partial": False, "env": b.env, "timings": b.res, "floors_s": fl,
                            "floor_formula": formulas, "ratio_to_floor": {k: med[k] / v for k, v in fl.items()},
                            "speedups": speed, "speedup_at_floor": bound, "identity": identity, "memory": b.memory,
                            "channels_last_comparison": fmt_cmp, "dsc_steps": dsc_steps, "load_warning": warning})

@@ -1,19 +1,20 @@
-"""A new measurement and a new defender, each one class, registered (README, "The library")."""
+"""A new measurement and a new defender, each one class, registered (docs/LIBRARY.md)."""
 import torch
 import torch.nn.functional as F
 
-from utils.defenses import DEFENDERS, Defender, sgd_step
-from utils.grads import eval_mode
-from utils.measure import MEASUREMENTS, Measurement
+from utils.core.grads import eval_mode
+from utils.core.train import sgd_step
+from utils.defense.defenders import DEFENDERS, Defender
+from utils.detect.measure import MEASUREMENTS, Measurement
 
 
 class ReceivedLoss(Measurement):
     """Mean CE of the batch the learner receives, before its step: a field of every steps.jsonl line."""
     name = "received_loss"
 
-    def measure(self, run, arrival):
-        with torch.no_grad(), eval_mode(run.ctx.model):
-            return {"received_loss": F.cross_entropy(run.ctx.model(arrival.x_in), arrival.y).item()}
+    def measure(self, model, arrival):
+        with torch.no_grad(), eval_mode(model):
+            return {"received_loss": F.cross_entropy(model(arrival.x_in), arrival.y).item()}
 
 
 class FirstHalf(Defender):

@@ -16,20 +16,18 @@ import csv
 import itertools
 import os
 import statistics
-import sys
 from typing import Sequence
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from utils.errors import quiet_start  # noqa: E402
+from utils.errors import quiet_start
 
 if __name__ == "__main__":
     quiet_start()  # before torch is imported: Ctrl-C or SIGTERM while starting prints one line
 
-from utils.config import OnlineConfig, authors_config  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
-from utils.results import write_json, write_text  # noqa: E402
-from utils.sweep import add_ray_flags, ray_options, run_sweep  # noqa: E402
+from utils.io.results import write_json, write_text  # noqa: E402
+from utils.online.config import OnlineConfig, authors_config  # noqa: E402
+from utils.sweep.on_ray import add_ray_flags, ray_options  # noqa: E402
+from utils.sweep.runs import run_sweep  # noqa: E402
 
 CONDITIONS = ("trigger", "clean", "poison")
 

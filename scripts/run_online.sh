@@ -8,7 +8,7 @@
 #   PY              python interpreter (default: the repository's .venv)   EXTRA  more flags
 # CKPT, MEMORIZED and OUT may be relative to the directory you call the script from.
 # The flags below are the authors' run_*.sh command; tests/test_config.py checks that they give the
-# configuration utils/config.py's authors_config() describes.
+# configuration utils/online/config.py's authors_config() describes.
 set -euo pipefail
 med=$1; shift
 caller=$PWD

@@ -1,6 +1,7 @@
 """Shared test set-up, located relative to the repository (not the working directory):
 
-- the repository root (for ``utils`` and the scripts) and tests/ (for ``fake_data``) on sys.path;
+- (``utils`` and the scripts are importable because the project is installed: ``pip install -e .``, as the
+  Makefile does; pyproject.toml registers the ``slow`` marker and puts bench/ on the path for its reference);
 - the real Fashion-MNIST files of the repository's data/ folder, loaded once (``fashion_mnist``);
 - a small real-format copy of them (600 training, 200 test images) for runs that read a --dataroot
   (``small_data``);
@@ -13,17 +14,12 @@ from __future__ import annotations
 
 import copy
 import os
-import sys
 from dataclasses import dataclass
 
 import pytest
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS)
-for path in (REPO, TESTS):
-    if path not in sys.path:
-        sys.path.insert(0, path)
-
 DATA_ROOT = os.path.join(REPO, "data")
 N_TRAIN, N_TEST = 600, 200  # the small Fashion-MNIST copy
 
@@ -32,10 +28,6 @@ N_TRAIN, N_TEST = 600, 200  # the small Fashion-MNIST copy
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
-
-
-def pytest_configure(config) -> None:
-    config.addinivalue_line("markers", "slow: subprocess and end-to-end tests (skip them with -m 'not slow')")
 
 
 def write_small_fashion_mnist(dst: str, n_train: int = N_TRAIN, n_test: int = N_TEST, test: bool = True) -> str:
@@ -61,7 +53,7 @@ def repo_root() -> str:
 @pytest.fixture(scope="session")
 def fashion_mnist():
     """utils.data.get_data('fashion-mnist') from the real IDX files under data/ (no download)."""
-    from utils.data import get_data
+    from utils.core.data import get_data
 
     return get_data("fashion-mnist", DATA_ROOT, "cpu", download=False)
 
@@ -76,7 +68,7 @@ def tiny_burn_in_config(small_data: str, outf: str, **changes):
     """The cpu preset's burn-in, shrunk: width-4 CNN, 2 epochs of the small data, every epoch saved."""
     import dataclasses
 
-    from utils.presets import cpu_preset
+    from utils.sweep.presets import cpu_preset
 
     return dataclasses.replace(cpu_preset().burn_in, width=4, epochs=2, save_freq=1, dataroot=small_data,
                                download=False, outf=outf, **changes)
@@ -85,7 +77,7 @@ def tiny_burn_in_config(small_data: str, outf: str, **changes):
 @pytest.fixture(scope="session")
 def tiny_run(small_data, tmp_path_factory) -> str:
     """A burn-in folder (epoch1.pth, epoch2.pth, last.pth of one run) of a width-4 CNN on the small data."""
-    from utils.burnin import run_burn_in
+    from utils.burnin.run import run_burn_in
 
     outf = str(tmp_path_factory.mktemp("tiny_run"))
     run_burn_in(tiny_burn_in_config(small_data, outf))
@@ -102,9 +94,9 @@ class TrainedPair:
 @pytest.fixture(scope="session")
 def trained_pair(fashion_mnist) -> TrainedPair:
     """A width-8 CNN trained on real images, and the memorized model of the same run (SPEC "MD")."""
-    from utils.data import BatchLoader, Split
-    from utils.models import build_model, model_spec
-    from utils.train import set_seed, train_epoch
+    from utils.core.data import BatchLoader, Split
+    from utils.core.models import build_model, model_spec
+    from utils.core.train import set_seed, train_epoch
 
     set_seed(0)
     train = fashion_mnist.train

@@ -5,9 +5,9 @@ import torch
 
 from attack_generator import (accumulative_target, craft_accumulative_poison, craft_poisoned_trigger,
                               poison_objective, second_order_term, trigger_alignment)
-from utils.discrepancy import memorization_discrepancy
+from utils.core.discrepancy import memorization_discrepancy
 from utils.errors import UserError
-from utils.grads import layerwise_alignment, param_grads
+from utils.core.grads import layerwise_alignment, param_grads
 
 
 @pytest.fixture(scope="module")

@@ -12,11 +12,11 @@ import torch.nn.functional as F
 
 import fake_data
 import train_cifar
-from utils.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from utils.data import BatchLoader, Split, train_loader
+from utils.core.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from utils.core.data import BatchLoader, Split, train_loader
 from utils.errors import UserError
-from utils.models import build_model, model_spec
-from utils.train import evaluate, train_epoch
+from utils.core.models import build_model, model_spec
+from utils.core.train import evaluate, train_epoch
 
 
 def _subset(split: Split, n: int) -> Split:

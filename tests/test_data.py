@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fake_data
-from utils.data import DATASETS, BatchLoader, Split, augment_batch, dataset_info, get_data, load_split
+from utils.core.data import DATASETS, BatchLoader, Split, augment_batch, dataset_info, get_data, load_split
 from utils.errors import UserError
 
 

@@ -8,13 +8,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from utils.attack import pgd_perturb
-from utils.config import DSCConfig, defence_name
-from utils.data import Split
-from utils.defenses import DEFENDERS, Defender, DSCThreshold, Learner, calibrate_dsc, dsc_correct
-from utils.discrepancy import memorization_discrepancies, memorization_discrepancy
+from utils.attack.craft import pgd_perturb
+from utils.defense.config import DSCConfig
+from utils.online.config import defence_name
+from utils.core.data import Split
+from utils.core.train import Learner
+from utils.defense.defenders import DEFENDERS, Defender
+from utils.defense.dsc import DSCThreshold, calibrate_dsc, dsc_correct
+from utils.core.discrepancy import memorization_discrepancies, memorization_discrepancy
 from utils.errors import UserError
-from utils.metrics import auroc
+from utils.core.metrics import auroc
 
 
 @pytest.fixture(scope="module")

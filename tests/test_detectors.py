@@ -8,13 +8,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils.data import DATASETS, Split
-from utils.detectors import (DETECTORS, BatchView, ReferenceFit, activation_clustering_scores, batch_view,
+from utils.core.data import DATASETS, Split
+from utils.detect.detectors import (DETECTORS, BatchView, ReferenceFit, activation_clustering_scores, batch_view,
                              build_detectors, fit_from_features, fit_reference, kd_score, lid_mle,
                              logits_and_features, mahalanobis_score, spectral_scores, split_view)
 from utils.errors import UserError
-from utils.metrics import auroc, tpr_at_fpr
-from utils.models import build_model, model_spec
+from utils.core.metrics import auroc, tpr_at_fpr
+from utils.core.models import build_model, model_spec
 
 
 def gen(seed: int = 0) -> torch.Generator:

@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from utils.data import dataset_info
+from utils.core.data import dataset_info
 from utils.errors import UserError
-from utils.models import ARCHS, ModelSpec, Normalize, build_model, model_spec
+from utils.core.models import ARCHS, ModelSpec, Normalize, build_model, model_spec
 
 
 @pytest.mark.parametrize("arch", ["cnn", "resnet18"])

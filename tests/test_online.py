@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import online_accu_train
-from utils.config import OnlineConfig
-from utils.data import DATASETS, Split
-from utils.detectors import DETECTORS
-from utils.results import read_jsonl
-from utils.stream import Stream
+from utils.online.config import OnlineConfig
+from utils.core.data import DATASETS, Split
+from utils.detect.detectors import DETECTORS
+from utils.io.results import read_jsonl
+from utils.core.stream import Stream
 
 INFO = DATASETS["fashion-mnist"]
 TIMING = ("total_seconds", "trigger_step_s")
@@ -141,8 +141,9 @@ def test_adaptive_attacker_run(go):
 
 
 def test_the_readme_example_adds_a_measurement_and_a_defender(go, repo_root, monkeypatch):
-    """examples/custom_parts.py, which the README shows whole: one class each, registered, nothing else."""
-    from utils import defenses, measure
+    """examples/custom_parts.py, which docs/LIBRARY.md shows whole: one class each, registered, nothing else."""
+    from utils.defense import defenders as defenses
+    from utils.detect import measure
 
     monkeypatch.setattr(measure, "MEASUREMENTS", list(measure.MEASUREMENTS))
     monkeypatch.setattr(defenses, "DEFENDERS", dict(defenses.DEFENDERS))
@@ -153,5 +154,5 @@ def test_the_readme_example_adds_a_measurement_and_a_defender(go, repo_root, mon
     summary, steps = go("ex", "--epochs", "2", "--med", "half")
     assert all(s["received_loss"] > 0 and "received_loss_s" in s for s in steps)
     assert summary["steps"] == 2
-    readme = open(os.path.join(repo_root, "README.md")).read()
+    readme = open(os.path.join(repo_root, "docs", "LIBRARY.md")).read()
     assert open(os.path.join(repo_root, "examples", "custom_parts.py")).read().strip() in readme

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from reference_attack import authors_test_loader, baseline_craft_accu, baseline_test
-from utils.attack import craft_accumulative_poison, craft_poisoned_trigger
-from utils.data import DATASETS, Split
-from utils.models import build_model, model_spec
-from utils.train import evaluate
+from utils.attack.craft import craft_accumulative_poison, craft_poisoned_trigger
+from utils.core.data import DATASETS, Split
+from utils.core.models import build_model, model_spec
+from utils.core.train import evaluate
 
 INFO = DATASETS["fashion-mnist"]
 SHAPE = (INFO.in_channels, INFO.image_size, INFO.image_size)

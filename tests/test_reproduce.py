@@ -11,7 +11,7 @@ import fake_data
 import reproduce
 from conftest import DATA_ROOT
 from utils.errors import UserError
-from utils.presets import cpu_preset, paper_preset, smoke
+from utils.sweep.presets import cpu_preset, paper_preset, smoke
 
 pytestmark = pytest.mark.slow
 

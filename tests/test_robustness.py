@@ -25,13 +25,13 @@ import pytest
 import torch
 
 from conftest import N_TEST, N_TRAIN, tiny_burn_in_config, write_small_fashion_mnist
-from utils.burnin import run_burn_in
-from utils.checkpoint import load_checkpoint, save_checkpoint
-from utils.data import DATASETS
+from utils.burnin.run import run_burn_in
+from utils.core.checkpoint import load_checkpoint, save_checkpoint
+from utils.core.data import DATASETS
 from utils.errors import UserError, run_cli
-from utils.models import build_model, model_spec
-from utils.results import append_jsonl, atomic_write, read_jsonl, write_json
-from utils.train import set_deterministic, set_seed
+from utils.core.models import build_model, model_spec
+from utils.io.results import append_jsonl, atomic_write, read_jsonl, write_json
+from utils.core.train import set_deterministic, set_seed
 
 pytestmark = pytest.mark.slow
 INFO = DATASETS["fashion-mnist"]

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from conftest import DATA_ROOT
-from utils.checkpoint import load_checkpoint
-from utils.models import ModelSpec, build_model
-from utils.train import set_seed
+from utils.core.checkpoint import load_checkpoint
+from utils.core.models import ModelSpec, build_model
+from utils.core.train import set_seed
 
 pytestmark = pytest.mark.slow
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -3,13 +3,18 @@ scripts, thin scripts, the authors' base settings written once."""
 from __future__ import annotations
 
 import ast
+import dataclasses
 import os
 import subprocess
 
 import pytest
 
 import online_accu_train
-from utils.config import authors_config
+import train_cifar
+from utils.burnin.config import BurnInConfig
+from utils.fields import options
+from utils.online.config import PARTS, OnlineConfig, authors_config
+from utils.online.flags import ODD
 
 SCRIPTS = ("train_cifar", "online_accu_train", "reproduce", "attack_generator")
 
@@ -67,3 +72,114 @@ def test_the_run_scripts_hold_the_authors_base_configuration(repo_root, tmp_path
     for part in ("stream", "learner", "attack", "eval", "at", "dsc", "measure"):
         assert getattr(cfg, part) == getattr(base, part), part
     assert cfg.defence == med and cfg.run.norm == "bn" and cfg.run.model_name == "epoch40.pth"
+
+
+# the library's layers, bottom up: a module imports only from lower layers or from its own package
+LAYERS = {"errors": 0, "fields": 1, "io": 1, "core": 2, "attack": 3, "defense": 4, "detect": 4, "online": 5,
+          "burnin": 5, "sweep": 6, "report": 7}
+
+
+def _module_name(repo_root: str, path: str) -> str:
+    rel = os.path.relpath(path, repo_root)[:-3].replace(os.sep, ".")
+    return rel[: -len(".__init__")] if rel.endswith(".__init__") else rel
+
+
+def library_imports(repo_root: str) -> dict[str, set[str]]:
+    """Every utils module -> the utils modules it imports anywhere in its text: at the top, inside functions
+    (lazy), under ``if TYPE_CHECKING`` (type-only) alike."""
+    modules = {_module_name(repo_root, p): p for p in _python_files(repo_root, "utils")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        edges = set()
+        for node in ast.walk(ast.parse(open(path).read())):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                # ``from utils.defense import defenders`` imports the module utils.defense.defenders
+                targets = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
+                           for a in node.names]
+            else:
+                continue
+            edges |= {t for t in targets if t in modules and t != name}
+        graph[name] = edges
+    return graph
+
+
+def find_loops(graph: dict[str, set[str]]) -> list[str]:
+    """The import loops of a graph, each as 'a -> b -> a' (depth-first search)."""
+    state: dict[str, str] = {}
+    loops: list[str] = []
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = "open"
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                loops.append(" -> ".join(stack[stack.index(nxt):] + [nxt]))
+            elif nxt not in state:
+                visit(nxt, stack + [nxt])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    return loops
+
+
+def test_the_loop_finder_finds_a_loop_hidden_behind_a_lazy_import(tmp_path):
+    lib = tmp_path / "utils" / "core"
+    lib.mkdir(parents=True)
+    (tmp_path / "utils" / "__init__.py").write_text("")
+    (lib / "__init__.py").write_text("")
+    (lib / "a.py").write_text("from utils.core.b import f\n")
+    (lib / "b.py").write_text("def f():\n    from utils.core import a\n")
+    assert find_loops(library_imports(str(tmp_path))) == ["utils.core.a -> utils.core.b -> utils.core.a"]
+
+
+def test_no_import_loop_in_the_library_not_even_a_lazy_or_type_only_one(repo_root):
+    assert find_loops(library_imports(repo_root)) == []
+
+
+def test_every_import_points_down_the_layers(repo_root):
+    def package(module: str) -> str:
+        return module.split(".")[1] if module.count(".") else "utils"
+
+    graph = library_imports(repo_root)
+    assert {package(m) for m in graph} - {"utils"} == set(LAYERS)  # a new subpackage needs its layer here
+    wrong = [f"{a} -> {b}" for a, targets in graph.items() for b in targets
+             if package(a) != package(b) and package(a) != "utils" and LAYERS[package(a)] <= LAYERS[package(b)]]
+    assert wrong == []
+
+
+def _flagged(cls: type, part: str = "") -> set[str]:
+    return {f"{part}.{f.name}" if part else f.name for f, o in options(cls, generated=True)}
+
+
+def test_every_field_has_a_flag_and_no_flags_give_the_dataclass_defaults():
+    covered = _flagged(OnlineConfig) | set(ODD)
+    for part, cls in PARTS.items():
+        covered |= _flagged(cls, part)
+    every = {f"{part}.{f.name}" for part, cls in PARTS.items() for f in dataclasses.fields(cls)}
+    assert every | {"defence"} == covered
+    assert online_accu_train.parse_config([]) == OnlineConfig()
+    assert {f.name for f in dataclasses.fields(BurnInConfig)} == _flagged(BurnInConfig)
+    assert train_cifar.parse_config([]) == BurnInConfig()
+
+
+def test_a_flag_is_its_field(tmp_path):
+    """The generated flags carry the field's range: a value out of it is refused, naming the flag."""
+    from utils.errors import UserError
+
+    cfg = online_accu_train.parse_config(["--epsilon", "0.05", "--num_steps", "3", "--no_md", "--detectors", "all"])
+    assert (cfg.attack.epsilon, cfg.attack.num_steps, cfg.measure.md) == (0.05, 3, False)
+    assert len(cfg.measure.detectors) > 5
+    with pytest.raises(UserError, match="--dsc_calibrate must lie in"):
+        online_accu_train.parse_config(["--dsc_calibrate", "1.5"])
+
+
+def test_the_flag_page_is_generated_from_the_parsers(repo_root):
+    """docs/FLAGS.md is what scripts/flag_tables.py renders from the parsers now (regenerate it after a change)."""
+    import sys
+
+    done = subprocess.run([sys.executable, os.path.join(repo_root, "scripts", "flag_tables.py"), "--check"],
+                          capture_output=True, text=True, timeout=120, cwd=repo_root)
+    assert done.returncode == 0, done.stderr

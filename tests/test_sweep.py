@@ -6,9 +6,10 @@ import os
 
 import torch
 
-from utils.presets import CPU_THREADS, LADDER, capacity_rung, cpu_preset, paper_preset, with_overrides
-from utils.sweep import config_diff
-from utils.train import set_threads
+from utils.sweep.overrides import with_overrides
+from utils.sweep.presets import CPU_THREADS, LADDER, capacity_rung, cpu_preset, paper_preset
+from utils.sweep.reuse import config_diff
+from utils.core.train import set_threads
 
 
 def test_config_diff_resolves_paths_and_sees_the_thread_count(tmp_path, monkeypatch):
