@@ -11,7 +11,7 @@ random labels shaped like the dataset, and a freshly initialised model built fro
   tau = 0 and, as memorized model, a copy of the model with its weights scaled by 1 + 0.1 * N(0, 1) noise,
   so that all 10 correction steps run: the worst case. An exact copy would give MD = 0 <= tau, and DSC
   would stop before its first step); each step starts from the same saved model and optimizer state;
-* one full test evaluation (``utils.train.evaluate`` over a ``--test_size`` Split of random uint8 images,
+* one full test evaluation (``utils.core.train.evaluate`` over a ``--test_size`` Split of random uint8 images,
   asked for batches of ``--eval_batch_size`` as ``OnlineConfig`` does; on the CPU evaluate caps the batch);
 * the whole online step: accumulative crafting + ST step + full evaluation.
 
@@ -125,7 +125,7 @@ def fmt_ms(s: float | None) -> str:
 
 @torch.inference_mode()
 def evaluate_unchunked(model: nn.Module, split: Split, batch_size: int) -> float:
-    """``utils.train.evaluate`` before the CPU cap: one forward per ``batch_size`` samples, a sync per batch."""
+    """``utils.core.train.evaluate`` before the CPU cap: one forward per ``batch_size`` samples, a sync per batch."""
     was_training = model.training
     model.eval()
     wrong = 0
@@ -422,7 +422,7 @@ def baseline_pairs(b: Bench) -> list[tuple[str, str, str, str]]:
               "ours: online step", ONLINE)]
     pre = f"evaluate before the CPU cap (bs {b.args.eval_batch_size})"
     if pre in b.res:
-        pairs.insert(4, ("utils.train.evaluate before the CPU cap", pre, "ours: full evaluation", "full evaluation"))
+        pairs.insert(4, ("utils.core.train.evaluate before the CPU cap", pre, "ours: full evaluation", "full evaluation"))
     return pairs
 
 

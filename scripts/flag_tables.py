@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 
+import feder_accu_train
 import online_accu_train
 import reproduce
 import train_cifar
@@ -17,6 +18,8 @@ import train_cifar
 PAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "FLAGS.md")
 SCRIPTS = (("online_accu_train.py", online_accu_train.build_parser, "the online phase (SPEC \"Phase 2\", the attack, "
             "MD, the detectors, DSC)"),
+           ("feder_accu_train.py", feder_accu_train.build_parser, "federated learning under the attack (SPEC "
+            "\"Federated learning\")"),
            ("train_cifar.py", train_cifar.build_parser, "the burn-in (SPEC \"Phase 1\")"),
            ("reproduce.py", reproduce.build_parser, "burn-in if missing, every run of a preset, the tables"))
 

@@ -23,6 +23,13 @@ REPO = os.path.dirname(TESTS)
 DATA_ROOT = os.path.join(REPO, "data")
 N_TRAIN, N_TEST = 600, 200  # the small Fashion-MNIST copy
 
+# Every test process runs the portable CPU kernels (docs/REPRODUCIBILITY.md), set before its first computation,
+# so the in-process runs of presets that pin them work, and the numbers the tests see are those of any x86-64 CPU
+# with AVX2. Subprocesses inherit them; a test that needs the native kernels removes them from its environment.
+from utils.core.train import PORTABLE_KERNELS  # noqa: E402  (imports torch, which reads them at its first use)
+
+os.environ.update(PORTABLE_KERNELS)
+
 # The tests use tiny tensors: one intra-op thread is fastest for them, and it keeps their speed steady when
 # other work shares the CPU (several spinning threads on tiny convolutions slow down a hundredfold then).
 import torch  # noqa: E402

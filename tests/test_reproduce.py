@@ -11,7 +11,7 @@ import fake_data
 import reproduce
 from conftest import DATA_ROOT
 from utils.errors import UserError
-from utils.sweep.presets import cpu_preset, paper_preset, smoke
+from utils.sweep.presets import cpu_full_preset, paper_preset, smoke
 
 pytestmark = pytest.mark.slow
 
@@ -19,15 +19,16 @@ pytestmark = pytest.mark.slow
 def _argv(tiny_run, small_data, out, *extra):
     """The tiny burn-in (reused, so its data do not matter here) and the real test set (the validation batch
     of the preset, 500 images, needs more than the small copy's 200)."""
-    return ["--ckpt", tiny_run, "--dataroot", DATA_ROOT, "--width", "4", "--burnin_epochs", "2", "--save_freq", "1",
-            "--online_epoch", "2", "--memorized_epoch", "1", "--epochs", "2", "--seeds", "1", "--eval_subset", "100",
-            "--threshold", "1.0", "--out", str(out), *extra]
+    return ["--preset", "cpu_full", "--ckpt", tiny_run, "--dataroot", DATA_ROOT, "--width", "4", "--burnin_epochs",
+            "2", "--save_freq", "1", "--online_epoch", "2", "--memorized_epoch", "1", "--epochs", "2", "--seeds", "1",
+            "--set", "preset.burn_in_seeds=0", "--eval_subset", "100", "--threshold", "1.0", "--out", str(out), *extra]
 
 
 def test_driver_writes_table_and_plots_matching_the_runs(tiny_run, small_data, tmp_path):
     assert reproduce.main(_argv(tiny_run, small_data, tmp_path)) == 0
     for name in ("table.md", "table.csv", "preset.json", "accuracy.png", "md_over_stream.png", "md_histogram.png",
-                 "detectors.md", "detectors.csv", "detectors_roc.png", "md_curve.md", "md_curve.csv", "md_curve.png"):
+                 "detectors.md", "detectors.csv", "detectors_roc.png", "md_curve.md", "md_curve.csv", "md_curve.png",
+                 "claims.md", "claims.csv", "fingerprint.json", "check.md"):
         assert os.path.getsize(tmp_path / name) > 0, name
     detectors = {r["detector"]: r for r in csv.DictReader(open(tmp_path / "detectors.csv"))}
     st = json.load(open(tmp_path / "runs" / "ST_s1" / "summary.json"))
@@ -38,7 +39,7 @@ def test_driver_writes_table_and_plots_matching_the_runs(tiny_run, small_data, t
     curve = list(csv.DictReader(open(tmp_path / "md_curve.csv")))
     assert [int(r["epoch"]) for r in curve] == [1, 2]
     rows = {r["defence"]: r for r in csv.DictReader(open(tmp_path / "table.csv"))}
-    slugs = {row.label: row.slug for row in cpu_preset().rows()}
+    slugs = {row.label: row.slug for row in cpu_full_preset().rows()}
     assert set(rows) == set(slugs) and {"AT (PGD ascent)", "AT (authors': CE+KL descent)"} <= set(rows)
     assert all(s.isascii() and " " not in s for s in os.listdir(tmp_path / "runs"))
     for label, row in rows.items():
@@ -48,6 +49,9 @@ def test_driver_writes_table_and_plots_matching_the_runs(tiny_run, small_data, t
             100 * (summary["err_after_trigger"] - summary["err_before_trigger"]), abs=0.051)
         assert float(row["acc_burn_in"]) == pytest.approx(100 * (1 - summary["err_burn_in"]), abs=0.051)
     assert "MD AUROC" in open(tmp_path / "table.md").read()
+    claims = {r["key"]: r for r in csv.DictReader(open(tmp_path / "claims.csv"))}
+    assert claims["attack_vs_trigger_alone"]["verdict"] == "not measured"  # one replicate: no interval
+    assert len(json.load(open(tmp_path / "fingerprint.json"))["runs"]) == len(rows)
     # a second call reuses the finished runs; a changed configuration is refused, --fresh replaces it
     mtime = os.path.getmtime(tmp_path / "runs" / "ST_s1" / "summary.json")
     reproduce.main(_argv(tiny_run, small_data, tmp_path))

@@ -46,7 +46,7 @@ BURNIN = ["train_cifar.py", "--dataset", "fashion-mnist", "--arch", "cnn", "--wi
           "--test_batch_size", "100", "--save_freq", "1"]
 REPRO = ["reproduce.py", "--ckpt", "{run}", "--dataroot", "{small}", "--width", "4", "--burnin_epochs", "2",
          "--save_freq", "1", "--online_epoch", "2", "--memorized_epoch", "1", "--epochs", "1", "--seeds", "1",
-         "--eval_subset", "100", "--out", "{out}"]
+         "--set", "preset.burn_in_seeds=0", "--eval_subset", "100", "--out", "{out}"]  # one burn-in: the fixture's
 GRID = ["experiments/grid.py", "--resume", "{run}", "--model_name", "epoch2.pth", "--dataroot", "{small}",
         "--out", "{out}", "--streams", "reuse", "--seeds", "1", "--epochs", "1"]
 

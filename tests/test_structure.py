@@ -16,7 +16,7 @@ from utils.fields import options
 from utils.online.config import PARTS, OnlineConfig, authors_config
 from utils.online.flags import ODD
 
-SCRIPTS = ("train_cifar", "online_accu_train", "reproduce", "attack_generator")
+SCRIPTS = ("train_cifar", "online_accu_train", "feder_accu_train", "reproduce", "attack_generator")
 
 
 def _python_files(repo_root: str, *folders: str) -> list[str]:
@@ -76,7 +76,7 @@ def test_the_run_scripts_hold_the_authors_base_configuration(repo_root, tmp_path
 
 # the library's layers, bottom up: a module imports only from lower layers or from its own package
 LAYERS = {"errors": 0, "fields": 1, "io": 1, "core": 2, "attack": 3, "defense": 4, "detect": 4, "online": 5,
-          "burnin": 5, "sweep": 6, "report": 7}
+          "burnin": 5, "fed": 5, "sweep": 6, "report": 7}
 
 
 def _module_name(repo_root: str, path: str) -> str:

@@ -7,7 +7,7 @@ import os
 import torch
 
 from utils.sweep.overrides import with_overrides
-from utils.sweep.presets import CPU_THREADS, LADDER, capacity_rung, cpu_preset, paper_preset
+from utils.sweep.presets import CPU_THREADS, LADDER, capacity_rung, cpu_full_preset, cpu_preset, paper_preset
 from utils.sweep.reuse import config_diff
 from utils.core.train import set_threads
 
@@ -28,7 +28,8 @@ def test_the_cpu_presets_pin_the_thread_count_of_their_burn_in_and_every_run():
     presets = [cpu_preset(), *(capacity_rung(name) for name in LADDER)]
     for preset in presets:
         assert preset.burn_in.threads == CPU_THREADS
-        assert {preset.run_config(row, 20, "out").run.threads for row in preset.rows()} == {CPU_THREADS}
+        assert {preset.run_config(row, rep, "out").run.threads for row in preset.rows()
+                for rep in preset.replicates()} == {CPU_THREADS}
     paper = paper_preset()  # a GPU run: torch's default
     assert paper.burn_in.threads == 0 and paper.base.run.threads == 0
     four = with_overrides(cpu_preset(), {"threads": 4})
@@ -44,3 +45,19 @@ def test_set_threads_sets_torchs_count_and_zero_leaves_it():
         assert torch.get_num_threads() == before + 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_cpu_preset_runs_the_claims_rows_on_ten_paired_replicates_with_pinned_kernels():
+    """Every row on every (burn-in, seed) replicate, each burn-in its own folder and seed; the full preset adds
+    the other rows on the same replicates and burn-ins."""
+    preset, full = cpu_preset(), cpu_full_preset()
+    reps = preset.replicates()
+    assert len(reps) >= 10 and len({b for b, _ in reps}) >= 5
+    assert {b: preset.burn_in_for(b).seed for b, _ in reps} == {b: b for b, _ in reps}
+    assert len({preset.burn_in_for(b).outf for b, _ in reps}) == len(preset.burn_in_seeds)
+    assert {r.slug for r in preset.rows()} < {r.slug for r in full.rows()}
+    assert [preset.burn_in_for(b) for b in preset.burn_in_seeds] == [full.burn_in_for(b) for b in full.burn_in_seeds]
+    for row in preset.rows():
+        cfgs = [preset.run_config(row, rep, "out") for rep in reps]
+        assert {(c.run.resume, c.run.seed) for c in cfgs} == {(preset.burn_in_for(b).outf, s) for b, s in reps}
+        assert {c.run.kernels for c in cfgs} == {preset.burn_in.kernels} == {"portable"}

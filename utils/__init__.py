@@ -7,6 +7,7 @@
     defense          ST, AT, DSC and their registry                      (imports attack: AT's PGD)
     detect           the detectors and the measurements of a run, with their registries
     online, burnin   one online run (config, flags, context, the loop); the burn-in
+    fed              federated learning: split, clients, aggregators, scores, the rounds, the run, Flower
     sweep            presets, overrides, reuse of finished work, sweeps in one process or on Ray
     report           tables, figures, costs
 """

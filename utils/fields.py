@@ -148,3 +148,25 @@ def from_args(args: argparse.Namespace, cls: type, part: str = "", **extra: Any)
         value = getattr(args, f"{part}.{f.name}" if part else f.name)
         values[f.name] = tuple(value) if types[f.name][2] else value
     return cls(**{**values, **extra})
+
+
+def replace(cfg: Any, **changes: Any) -> Any:
+    """``dataclasses.replace`` one level down, for a configuration made of parts:
+    ``replace(cfg, attack={"epsilon": 0.05}, defence="AT")`` (a dict changes fields of that part)."""
+    return dataclasses.replace(cfg, **{k: dataclasses.replace(getattr(cfg, k), **v) if isinstance(v, dict) else v
+                                      for k, v in changes.items()})
+
+
+class Composite:
+    """A configuration made of parts (frozen dataclasses as fields), as plain JSON data and back (config.json)."""
+
+    def to_dict(self) -> dict:
+        """The whole configuration as plain JSON data."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Any:
+        """The inverse of ``to_dict`` (keys that are not fields are ignored)."""
+        hints = typing.get_type_hints(cls)
+        return cls(**{k: hints[k](**v) if dataclasses.is_dataclass(hints[k]) else v for k, v in d.items()
+                      if k in hints})

@@ -6,12 +6,13 @@ from dataclasses import dataclass
 
 from utils.core.data import DATASETS, dataset_info
 from utils.core.models import ARCHS, ModelSpec, model_spec
+from utils.core.train import KERNELS, KERNELS_HELP
 from utils.errors import UserError
 from utils.fields import check_fields, opt
 
 # the settings a resumed run must share with the run it continues (they decide its weights)
 SAME_ON_RESUME = ("dataset", "arch", "width", "group_norm", "batch_size", "lr", "momentum", "weight_decay", "seed",
-                  "subset", "clip_gradnorm", "clipvalue")
+                  "subset", "clip_gradnorm", "clipvalue", "kernels")
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class BurnInConfig:
     deterministic: bool = opt(False, "deterministic kernels only (slower on CUDA; see utils/core/train.py)")
     threads: int = opt(0, "torch's CPU threads (0: torch's default, the cores); results on the CPU depend on it",
                        low=0, high=4096)
+    kernels: str = opt("native", KERNELS_HELP, flag="--cpu_kernels", choices=KERNELS)
     subset: int = opt(0, "train on the first N training samples only (0: all)", low=0)
 
     def __post_init__(self) -> None:

@@ -22,7 +22,8 @@ from utils.errors import UserError
 from utils.burnin.config import SAME_ON_RESUME, BurnInConfig
 from utils.core.models import build_model
 from utils.io.results import FolderLock, append_jsonl, ensure_dir, read_jsonl, write_json, write_jsonl
-from utils.core.train import environment, evaluate, get_device, set_deterministic, set_seed, set_threads, train_epoch
+from utils.core.train import (environment, evaluate, get_device, set_deterministic, set_seed, set_threads, train_epoch,
+                              use_cpu_kernels)
 
 RUN_FILES = ("last.pth", "history.jsonl", "log.txt", "config.json")  # besides epoch{N}.pth
 
@@ -171,6 +172,7 @@ def load_training_data(cfg: BurnInConfig, dist: Dist, generator: torch.Generator
 def run_burn_in(cfg: BurnInConfig) -> str:
     """Train (or continue) a burn-in run, in one process or as one rank of a torchrun job; returns its run id."""
     set_threads(cfg.threads)
+    use_cpu_kernels(cfg.kernels)
     dist = setup(get_device(cfg.device))
     state = loader = None
     try:

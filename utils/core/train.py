@@ -58,8 +58,57 @@ def environment(device: torch.device) -> dict:
     return {**git_commit(), "torch": torch.__version__, "torchvision": torchvision.__version__,
             "numpy": np.__version__, "python": platform.python_version(), "platform": platform.platform(),
             "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
-            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-            "threads": torch.get_num_threads(), "deterministic": torch.are_deterministic_algorithms_enabled()}
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None, "cpu": cpu_model(),
+            "threads": torch.get_num_threads(), "deterministic": torch.are_deterministic_algorithms_enabled(),
+            "cpu_kernels": cpu_kernels()}
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else what the platform module says."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# The kernels a "portable" CPU run pins (docs/REPRODUCIBILITY.md): ATen's vector kernels, oneDNN's convolutions and
+# MKL's matrix products, all at the AVX2 level (MKL in its conditional-numerical-reproducibility mode), so that every
+# x86-64 CPU with AVX2 runs the same code; together with a pinned thread count, the same floats. Each library reads
+# its variable once, at its first use in the process.
+PORTABLE_KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "DNNL_MAX_CPU_ISA": "AVX2",
+                    "MKL_CBWR": "AVX2,STRICT"}
+KERNELS = ("native", "portable")
+KERNELS_HELP = ("CPU kernels: native (each library's fastest for this CPU; the numbers depend on the CPU) or portable "
+                "(ATen, oneDNN and MKL pinned at AVX2: the same floats on every x86-64 CPU with AVX2 at the same "
+                "--threads; docs/REPRODUCIBILITY.md)")
+
+
+def cpu_kernels() -> dict:
+    """What decides the CPU kernels of this process: ATen's capability and the libraries' variables."""
+    return {"aten_capability": torch.backends.cpu.get_cpu_capability(),
+            **{k: os.environ.get(k) for k in PORTABLE_KERNELS}}
+
+
+def use_cpu_kernels(kernels: str) -> None:
+    """'portable': pin the CPU kernels to PORTABLE_KERNELS (before this process's first computation); 'native':
+    leave each library's choice for this CPU (the numbers then depend on the CPU's vector instructions)."""
+    if kernels != "portable":
+        return
+    for key, value in PORTABLE_KERNELS.items():
+        if os.environ.get(key, value) != value:
+            print(f"note: --cpu_kernels portable sets {key}={value} (the environment asked for {os.environ[key]})")
+    os.environ.update(PORTABLE_KERNELS)
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability != "AVX2":
+        raise UserError(f"--cpu_kernels portable pins the CPU kernels at AVX2, but this process runs ATen's "
+                        f"{capability} kernels: either this CPU has no AVX2 (then use --cpu_kernels native, and "
+                        f"expect numbers that differ from the published ones), or the kernels were chosen by an "
+                        f"earlier computation in this process (then start a new one, or export "
+                        f"{' '.join(f'{k}={v}' for k, v in PORTABLE_KERNELS.items())} before Python starts)")
 
 
 def set_seed(seed: int) -> None:

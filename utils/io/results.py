@@ -178,3 +178,36 @@ class FolderLock:
             _remove_quietly(os.path.join(self.folder, LOCK_NAME))
             os.close(self.fd)
             self.fd = None
+
+
+def refuse_existing(out: str | None, files: tuple[str, ...], overwrite: bool, remove: bool = False) -> None:
+    """A finished run's results (summary.json, one of ``files``) in ``out`` are refused unless --overwrite; an
+    unfinished run's files are replaced. ``remove`` (under the lock): delete what the new run replaces."""
+    present = [f for f in files if out is not None and os.path.exists(os.path.join(out, f))]
+    if "summary.json" in present and not overwrite:
+        raise UserError(f"{out!r} already holds results; pass --overwrite or choose another --out")
+    if present and remove and "summary.json" not in present:
+        print(f"note: replacing the unfinished run in {out!r} (it has no summary.json)")
+    for f in present if remove else []:
+        os.remove(os.path.join(out, f))
+
+
+def run_in_folder(out: str, files: tuple[str, ...], overwrite: bool, config: dict, body: Callable[[], dict],
+                  line: Callable[[dict], str], log_name: str, progress: str) -> dict:
+    """The one way a run writes its results folder (online and federated runs): under the folder's lock, refuse or
+    replace earlier results, write config.json, run ``body`` (which appends to ``progress`` as it goes), append the
+    log line to ``log_name``, write summary.json; on Ctrl-C or SIGTERM say what was kept. Returns the summary."""
+    with FolderLock(ensure_dir(out)):  # only once the flags, checkpoints and data are known to be good
+        refuse_existing(out, files, overwrite, remove=True)
+        write_json(os.path.join(out, "config.json"), config)
+        try:
+            summary = body()
+        except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM (utils.errors.Terminated): the same type
+            raise type(e)(f"the finished {os.path.splitext(progress)[0]} are kept in {os.path.join(out, progress)!r}, "
+                          f"no summary.json was written; the same command runs it again") from None
+        text = line(summary)
+        with open(os.path.join(out, log_name), "a") as f:
+            f.write(text + "\n")
+        write_json(os.path.join(out, "summary.json"), summary)
+    print(text)
+    return summary

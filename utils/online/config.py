@@ -7,7 +7,6 @@ line from them; drivers build configurations in Python with ``replace`` on ``aut
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,12 +15,12 @@ from utils.attack.attacker import AttackConfig
 from utils.core.data import DATASETS
 from utils.core.grads import MAX_INNER_STEPS, STEPS_NOTE
 from utils.core.models import ARCHS
-from utils.core.train import LearnerConfig
+from utils.core.train import KERNELS, KERNELS_HELP, LearnerConfig
 from utils.defense.config import ATConfig, DSCConfig
 from utils.defense import defenders
 from utils.detect.measure import MeasureConfig
 from utils.errors import UserError
-from utils.fields import check_choice, check_fields, opt
+from utils.fields import Composite, check_choice, check_fields, opt, replace  # replace: for the importers of this module
 
 SEED_MAX = 2 ** 32 - 1
 RESERVED = ("config.json", "steps.jsonl", "md.jsonl", "detectors.jsonl", "summary.json")
@@ -47,6 +46,7 @@ class RunConfig:
     deterministic: bool = opt(False, "deterministic kernels only (slower on CUDA; see utils/core/train.py)")
     threads: int = opt(0, "torch's CPU threads (0: torch's default, the cores); results on the CPU depend on it",
                        low=0, high=4096)
+    kernels: str = opt("native", KERNELS_HELP, flag="--cpu_kernels", choices=KERNELS)
     log_name: str = opt("log.txt", "name of the text log inside --out")
     dataset: str | None = opt(None, "assert the dataset (default: the checkpoint's)", choices=tuple(DATASETS))
     arch: str | None = opt(None, "assert the arch (default: the checkpoint's)", choices=ARCHS)
@@ -117,7 +117,7 @@ def defence_name(name: str) -> str:
 
 
 @dataclass(frozen=True)
-class OnlineConfig:
+class OnlineConfig(Composite):
     """One online run: every concern's settings (SPEC "Phase 2", "The attack", "Baselines", "DSC")."""
 
     run: RunConfig = field(default_factory=RunConfig)
@@ -135,31 +135,10 @@ class OnlineConfig:
         if self.attack.adaptive_md and not self.attack.poison:
             raise UserError("--adaptive_md shapes the poisons, so it cannot go with --no_poison")
 
-    def to_dict(self) -> dict:
-        """The whole configuration as plain JSON data (config.json)."""
-        return dataclasses.asdict(self)
-
-    @staticmethod
-    def from_dict(d: dict) -> "OnlineConfig":
-        """The inverse of ``to_dict`` (a configuration read back from config.json)."""
-        names = [f.name for f in dataclasses.fields(OnlineConfig)]
-        return OnlineConfig(**{k: PARTS[k](**d[k]) if k in PARTS else d[k] for k in names if k in d})
-
 
 # the parts of an OnlineConfig: field name -> its dataclass
 PARTS: dict[str, type] = {"run": RunConfig, "stream": StreamConfig, "learner": LearnerConfig, "attack": AttackConfig,
                           "eval": EvalConfig, "at": ATConfig, "dsc": DSCConfig, "measure": MeasureConfig}
-
-
-def replace(cfg: OnlineConfig, **changes: dict | Any) -> OnlineConfig:
-    """``dataclasses.replace`` one level down: ``replace(cfg, attack={"epsilon": 0.05}, defence="AT")``."""
-    top = {}
-    for name, value in changes.items():
-        if isinstance(value, dict):
-            top[name] = dataclasses.replace(getattr(cfg, name), **value)
-        else:
-            top[name] = value
-    return dataclasses.replace(cfg, **top)
 
 
 def authors_config(**changes: dict | Any) -> OnlineConfig:

@@ -16,7 +16,7 @@ from utils.core.checkpoint import check_spec, load_checkpoint, load_memorized_mo
 from utils.core.data import Data, Split, get_data
 from utils.core.models import ModelSpec
 from utils.core.stream import Stream, poison_mask
-from utils.core.train import Learner, get_device, set_deterministic, set_seed, set_threads
+from utils.core.train import Learner, get_device, set_deterministic, set_seed, set_threads, use_cpu_kernels
 from utils.errors import UserError
 from utils.online.config import OnlineConfig
 
@@ -97,6 +97,7 @@ def _check_sizes(cfg: OnlineConfig, test: Split) -> None:
 def build_context(cfg: OnlineConfig) -> RunContext:
     """Load and draw everything a run needs, in a fixed order of random draws (so a seed fixes the run)."""
     set_threads(cfg.run.threads)
+    use_cpu_kernels(cfg.run.kernels)
     device = get_device(cfg.run.device)
     if cfg.run.deterministic:
         set_deterministic(device)

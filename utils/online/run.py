@@ -22,7 +22,7 @@ from utils.defense.defenders import Defender, DefenderInputs
 from utils.detect import measure
 from utils.detect.measure import MeasureInputs, Measurement
 from utils.errors import UserError
-from utils.io.results import FolderLock, append_jsonl, ensure_dir, write_json
+from utils.io.results import append_jsonl, refuse_existing, run_in_folder
 from utils.online.config import OnlineConfig
 from utils.online.context import RunContext, build_context, default_out
 
@@ -154,18 +154,6 @@ def run_config(ctx: RunContext, out: str, defender: Defender) -> dict:
             "trigger_indices": ctx.stream.indices(0).tolist(), "environment": environment(ctx.device)}
 
 
-def refuse_existing(out: str | None, overwrite: bool, remove: bool = False) -> None:
-    """A finished run's results (summary.json) in ``out`` are refused unless --overwrite; an unfinished run's
-    files are replaced. ``remove`` (under the lock): delete what the new run replaces."""
-    present = [f for f in RESULTS if out is not None and os.path.exists(os.path.join(out, f))]
-    if "summary.json" in present and not overwrite:
-        raise UserError(f"{out!r} already holds results; pass --overwrite or choose another --out")
-    if present and remove and "summary.json" not in present:
-        print(f"note: replacing the unfinished run in {out!r} (it has no summary.json)")
-    for f in present if remove else []:
-        os.remove(os.path.join(out, f))
-
-
 def report_line(cfg: OnlineConfig, summary: dict, out: str) -> str:
     return (f"[{cfg.defence}] burn-in err {summary['err_burn_in']:.4f} | after {summary['steps']} steps "
             f"({summary['stop_reason']}) {summary['err_before_trigger']:.4f} | after trigger "
@@ -176,21 +164,10 @@ def report_line(cfg: OnlineConfig, summary: dict, out: str) -> str:
 def run_online(cfg: OnlineConfig) -> dict:
     """Run one online phase as configured; writes config.json, steps.jsonl, md.jsonl, summary.json and the log
     line in the results folder, and returns the summary."""
-    refuse_existing(cfg.run.out, cfg.run.overwrite)  # before the data are loaded: fail fast
+    refuse_existing(cfg.run.out, RESULTS, cfg.run.overwrite)  # before the data are loaded: fail fast
     ctx = build_context(cfg)
     out = cfg.run.out or default_out(cfg, ctx.spec)
     attacker, defender, measurements = build_parts(ctx, out)
-    with FolderLock(ensure_dir(out)):  # only once the flags, checkpoints and data are known to be good
-        refuse_existing(out, cfg.run.overwrite, remove=True)
-        write_json(os.path.join(out, "config.json"), run_config(ctx, out, defender))
-        try:
-            summary = OnlineRun(ctx, out, attacker, defender, measurements).run()
-        except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM (utils.errors.Terminated): the same type
-            raise type(e)(f"the finished steps are kept in {os.path.join(out, 'steps.jsonl')!r}, no "
-                                    f"summary.json was written; the same command runs it again") from None
-        line = report_line(cfg, summary, out)
-        with open(os.path.join(out, cfg.run.log_name), "a") as f:
-            f.write(line + "\n")
-        write_json(os.path.join(out, "summary.json"), summary)
-    print(line)
-    return summary
+    return run_in_folder(out, RESULTS, cfg.run.overwrite, run_config(ctx, out, defender),
+                         OnlineRun(ctx, out, attacker, defender, measurements).run,
+                         lambda summary: report_line(cfg, summary, out), cfg.run.log_name, "steps.jsonl")

@@ -11,7 +11,7 @@ from utils.io.results import write_text
 
 
 def mean_std(values: Sequence[float | None], scale: float = 1.0, digits: int = 1) -> str:
-    """'m ± s' over seeds (just 'm' for one value; '' when there is none)."""
+    """'m ± s' over replicates (just 'm' for one value; '' when there is none)."""
     vals = [scale * v for v in values if v is not None]
     if not vals:
         return ""
@@ -34,7 +34,7 @@ def write_table(rows: list[dict], headers: dict[str, str], folder: str, name: st
     return text
 
 
-MAIN = {"defence": "defence", "seeds": "seeds", "acc_burn_in": "acc. after burn-in (%)",
+MAIN = {"defence": "defence", "replicates": "replicates", "acc_burn_in": "acc. after burn-in (%)",
         "acc_end_accumulative": "acc. end of accumulative phase (%)", "acc_after_trigger": "acc. after trigger (%)",
         "trigger_drop": "trigger's drop (pts)", "total_drop": "drop from burn-in (pts)", "steps": "steps",
         "md_auroc_poison_vs_clean": "MD AUROC poison vs clean", "md_auroc_poison_vs_noise": "MD AUROC poison vs noise",
@@ -42,9 +42,9 @@ MAIN = {"defence": "defence", "seeds": "seeds", "acc_burn_in": "acc. after burn-
 
 
 def summary_row(name: str, runs: list[dict]) -> dict:
-    """One row of the main table from a row's summaries: accuracies in %, mean ± std over seeds."""
+    """One row of the main table from a row's summaries: accuracies in %, mean ± std over replicates."""
     acc: Callable[[str], list[float]] = lambda key: [1.0 - r[key] for r in runs]  # noqa: E731
-    return {"defence": name, "seeds": len(runs),
+    return {"defence": name, "replicates": len(runs),
             "acc_burn_in": mean_std(acc("err_burn_in"), 100),
             "acc_end_accumulative": mean_std(acc("err_before_trigger"), 100),
             "acc_after_trigger": mean_std(acc("err_after_trigger"), 100),
@@ -61,20 +61,20 @@ def table_rows(groups: dict[str, list[dict]]) -> list[dict]:
     return [summary_row(name, runs) for name, runs in groups.items()]
 
 
-DETECTORS = {"detector": "detector", "seeds": "seeds", "auroc_poison_vs_clean": "AUROC poison vs clean",
+DETECTORS = {"detector": "detector", "replicates": "replicates", "auroc_poison_vs_clean": "AUROC poison vs clean",
              "auroc_poison_vs_noise": "AUROC poison vs noise", "tpr_at_5fpr_poison_vs_clean": "TPR at 5 % FPR vs clean",
              "tpr_at_5fpr_poison_vs_noise": "TPR at 5 % FPR vs noise"}
 
 
 def detector_rows(plain: list[dict], adaptive: dict[str, list[dict]]) -> tuple[list[dict], dict[str, str]]:
-    """Per detector: AUROC and TPR at 5 % FPR against the plain attacker's runs (mean ± std over seeds), and the
+    """Per detector: AUROC and TPR at 5 % FPR against the plain attacker's runs (mean ± std over replicates), and the
     AUROC vs clean against each adaptive attacker's runs; returns the rows and their headers."""
     headers = dict(DETECTORS)
     column = {k: "auroc_poison_vs_clean_adaptive_" + k.replace("λ=", "l") for k in adaptive}  # ASCII CSV keys
     headers.update({column[k]: f"AUROC vs clean, adaptive {k}" for k in adaptive})
     rows = []
     for name in (plain[0].get("detectors") or {}) if plain else ():
-        row = {"detector": name, "seeds": len(plain)}
+        row = {"detector": name, "replicates": len(plain)}
         for key in list(DETECTORS)[2:]:
             row[key] = mean_std([r["detectors"][name][key] for r in plain], digits=3)
         for label, runs in adaptive.items():
@@ -84,24 +84,24 @@ def detector_rows(plain: list[dict], adaptive: dict[str, list[dict]]) -> tuple[l
     return rows, headers
 
 
-MD_CURVE = {"epoch": "memorized epoch", "seeds": "seeds", "auroc_poison_vs_clean": "MD AUROC poison vs clean",
+MD_CURVE = {"epoch": "memorized epoch", "replicates": "replicates", "auroc_poison_vs_clean": "MD AUROC poison vs clean",
             "auroc_poison_vs_noise": "MD AUROC poison vs noise"}
 
 
 def md_curve_rows(runs: list[dict]) -> list[dict]:
-    """MD's AUROCs by the memorized model's epoch, mean ± std over the runs' seeds."""
+    """MD's AUROCs by the memorized model's epoch, mean ± std over the runs."""
     by_epoch: dict[int, list[dict]] = {}
     for r in runs:
         for point in r.get("md_curve", []):
             by_epoch.setdefault(point["epoch"], []).append(point)
-    return [{"epoch": e, "seeds": len(ps),
+    return [{"epoch": e, "replicates": len(ps),
              "auroc_poison_vs_clean": mean_std([p["auroc_poison_vs_clean"] for p in ps], digits=3),
              "auroc_poison_vs_noise": mean_std([p["auroc_poison_vs_noise"] for p in ps], digits=3)}
             for e, ps in sorted(by_epoch.items())]
 
 
 LADDER = {"model": "model", "params": "parameters", "burn_in_acc": "burn-in acc. (%)", "defence": "defence",
-          "seeds": "seeds", "drop_trigger_alone": "trigger alone: drop (pts)",
+          "replicates": "replicates", "drop_trigger_alone": "trigger alone: drop (pts)",
           "drop_clean_stream": "clean stream + trigger: drop (pts)", "trigger_drop": "trigger's drop (pts)",
           "total_drop": "drop from burn-in (pts)", "steps": "steps before the stop",
           "md_auroc_poison_vs_clean": "MD AUROC vs clean", "md_auroc_poison_vs_noise": "MD AUROC vs noise",
@@ -136,7 +136,7 @@ def ladder_rows(model: str, costs: dict, groups: dict[str, list[dict]], steps: d
         if label.startswith("ST ("):
             continue
         base, c = summary_row(label, runs), step_costs(steps.get(label, []))
-        rows.append({**{k: base[k] for k in ("defence", "seeds", "trigger_drop", "total_drop", "steps",
+        rows.append({**{k: base[k] for k in ("defence", "replicates", "trigger_drop", "total_drop", "steps",
                                              "md_auroc_poison_vs_clean", "md_auroc_poison_vs_noise",
                                              "dsc_mean_steps")},
                      "model": model, "params": costs.get("params"), "burn_in_acc": base["acc_burn_in"],
