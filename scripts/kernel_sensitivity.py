@@ -79,9 +79,9 @@ def run_row(folder: str) -> tuple[list[list], dict]:
 def measure(out: str, kernels: str, names: list[str]) -> list[dict]:
     """Each named setting's burn-in and ST run, and where each first differs from the first setting's."""
     rows, ref = [], None
-    for i, name in enumerate(names):
+    for name in names:
         env, threads = SETTINGS[name]
-        folder = os.path.join(out, kernels, f"s{i}")  # a finished setting (its summary.json) is reused
+        folder = os.path.join(out, kernels, f"s{list(SETTINGS).index(name)}")  # a finished one is reused
         if not os.path.isfile(os.path.join(folder, "ST_s20", "summary.json")):
             spawn("burnin", os.path.join(folder, "burnin"), env, threads, kernels)
             common = os.path.join(out, kernels, "s0", "burnin")
@@ -120,7 +120,10 @@ def main() -> int:
         args.kernels = args.kernels[0]
         worker(args)
         return 0
-    names = [list(SETTINGS)[i] for i in (args.settings or range(len(SETTINGS)))]
+    chosen = args.settings or range(len(SETTINGS))
+    if not chosen or chosen[0] != 0 or not all(0 <= i < len(SETTINGS) for i in chosen):
+        p.error(f"--settings: indices in 0..{len(SETTINGS) - 1}, the reference 0 first")
+    names = [list(SETTINGS)[i] for i in chosen]
     rows = [r for kernels in args.kernels for r in measure(args.out, kernels, names)]
     print(write_table(rows, COLUMNS, args.out, "sensitivity", "Where the cpu preset first differs under other CPU "
                       "kernels (this machine imitating others; each row a fresh process)"))
