@@ -65,7 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    return build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
+    if args.published is not None and args.preset in ("capacity", "federated"):
+        raise UserError(f"--published checks the online presets' runs; --preset {args.preset} has no check")
+    if args.published is not None and not os.path.isfile(os.path.join(args.published, "fingerprint.json")):
+        raise UserError(f"--published {args.published}: no fingerprint.json there (give the folder of a "
+                        f"reproduction, e.g. docs/results/{args.preset} or results/{args.preset})")
+    return args
 
 
 def rung_costs(preset: Preset, out: str) -> dict:

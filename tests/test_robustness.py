@@ -161,6 +161,9 @@ CASES: dict[str, Case] = {
                                                                    "multiple of --save_freq (2)"]),
     "reproduce-other-configuration": Case(REPRO, ["--out", "{old_repro}"], ["another configuration", "--fresh"],
                                           leaves="kept"),
+    "reproduce-published-missing": Case(REPRO, ["--published", "{empty_data}"],
+                                        ["--published", "{empty_data}", "no fingerprint.json"]),
+    "cpu-kernels-unknown": Case(ONLINE, ["--cpu_kernels", "fast"], ["--cpu_kernels", "native, portable", "fast"]),
     # data, output folder, device
     "data-folder-empty": Case(ONLINE, ["--dataroot", "{empty_data}"], ["fashion-mnist", "{empty_data}", "To fix"],
                               absent=("download=True",)),

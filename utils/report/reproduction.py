@@ -125,7 +125,8 @@ def check_published(mine: dict, published_dir: str, out: str) -> str:
         write_text(os.path.join(out, "check.md"), text)
         return text
     comparison = compare(mine, read_json(path))
-    text = check_text(comparison, read_json(path), published_dir)
+    where = os.path.relpath(published_dir)
+    text = check_text(comparison, read_json(path), published_dir if where.startswith("..") else where)
     write_text(os.path.join(out, "check.md"), text)
     write_json(os.path.join(out, "check.json"), {**dataclasses.asdict(comparison), "identical": comparison.identical})
     return text
