@@ -14,6 +14,7 @@ import pytest
 
 from utils.core.train import PORTABLE_KERNELS
 from utils.report.check import compare, first_step_difference
+from utils.report.reproduction import check_published
 
 
 def fingerprint() -> dict:
@@ -64,10 +65,17 @@ def _reproduce(repo_root, small_data, tmp_path, name, env_extra, native, publish
     return done.stdout
 
 
+def test_with_no_published_fingerprint_the_check_says_so_and_writes_check_md(tmp_path):
+    text = check_published(fingerprint(), str(tmp_path / "nothing"), str(tmp_path))
+    assert text.startswith("(no published runs to check against") and "fingerprint.json does not exist" in text
+    assert (tmp_path / "check.md").read_text() == text and not (tmp_path / "check.json").exists()
+
+
 @pytest.mark.slow
 def test_the_check_says_identical_on_a_re_run_and_where_other_kernels_first_differ(repo_root, small_data, tmp_path):
     first = _reproduce(repo_root, small_data, tmp_path, "a", {}, native=True)
-    assert "no published runs to check against" in first
+    # without --published it checks against docs/results/cpu, a run of another configuration, and says so
+    assert "configuration: DIFFERENT from the published one" in first and "==> DIFFERENT" in first
     again = _reproduce(repo_root, small_data, tmp_path, "b", {}, native=True, published="a")
     assert "==> IDENTICAL" in again and "all 4 identical to the published ones" in again
     other = _reproduce(repo_root, small_data, tmp_path, "c", {"ATEN_CPU_CAPABILITY": "default"}, native=True,

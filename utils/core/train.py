@@ -83,8 +83,8 @@ PORTABLE_KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
                     "MKL_CBWR": "AVX2,STRICT"}
 KERNELS = ("native", "portable")
 KERNELS_HELP = ("CPU kernels: native (each library's fastest for this CPU; the numbers depend on the CPU) or portable "
-                "(ATen, oneDNN and MKL pinned at AVX2: the same floats on every x86-64 CPU with AVX2 at the same "
-                "--threads; docs/REPRODUCIBILITY.md)")
+                "(ATen, oneDNN and MKL pinned at AVX2: meant to give the same floats on every x86-64 CPU with AVX2 at "
+                "the same --threads, tested by imitation; docs/REPRODUCIBILITY.md)")
 
 
 def cpu_kernels() -> dict:
