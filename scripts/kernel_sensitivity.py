@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import subprocess
 import sys
 
 from utils.core.train import PORTABLE_KERNELS
-from utils.report.check import first_step_difference
+from utils.report.check import burn_in_fingerprint, first_step_difference, run_fingerprint
 from utils.report.tables import write_table
+from utils.sweep.presets import cpu_preset
 
 SETTINGS = {  # name -> environment (on top of one without any kernel variable) and threads
     "this CPU (AVX-512), 2 threads": ({}, 2),
@@ -39,7 +39,6 @@ def worker(args: argparse.Namespace) -> None:
     from utils.burnin.run import run_burn_in
     from utils.online.config import replace
     from utils.online.run import run_online
-    from utils.sweep.presets import cpu_preset
 
     preset = cpu_preset()
     if args.worker == "burnin":
@@ -61,21 +60,6 @@ def spawn(kind: str, target: str, env_extra: dict, threads: int, kernels: str, c
     subprocess.run(argv, env=env, check=True, stdout=subprocess.DEVNULL)
 
 
-def burn_in_row(folder: str) -> tuple[list[float], list[str]]:
-    history = [json.loads(line) for line in open(os.path.join(folder, "history.jsonl"))]
-    import torch
-
-    hashes = [torch.load(os.path.join(folder, f"epoch{h['epoch']}.pth"), map_location="cpu",
-                         weights_only=True)["net_sha256"] for h in history]
-    return [h["test_err"] for h in history], hashes
-
-
-def run_row(folder: str) -> tuple[list[list], dict]:
-    steps = [json.loads(line) for line in open(os.path.join(folder, "steps.jsonl"))]
-    summary = json.load(open(os.path.join(folder, "summary.json")))
-    return [[s["test_err"], s["alignment"], s.get("md_poison")] for s in steps], summary
-
-
 def measure(out: str, kernels: str, names: list[str]) -> list[dict]:
     """Each named setting's burn-in and ST run, and where each first differs from the first setting's."""
     rows, ref = [], None
@@ -86,12 +70,13 @@ def measure(out: str, kernels: str, names: list[str]) -> list[dict]:
             spawn("burnin", os.path.join(folder, "burnin"), env, threads, kernels)
             common = os.path.join(out, kernels, "s0", "burnin")
             spawn("online", os.path.join(folder, "ST_s20"), env, threads, kernels, ckpt=common)
-        errs, hashes = burn_in_row(os.path.join(folder, "burnin"))
-        steps, summary = run_row(os.path.join(folder, "ST_s20"))
-        ref = ref or (errs, hashes, steps)
-        first_epoch = next((e + 1 for e, (a, b) in enumerate(zip(hashes, ref[1])) if a != b), None)
-        online = first_step_difference(steps, ref[2], ("here", "in the first row"))
-        rows.append({"setting": name, "kernels": kernels, "errs": " / ".join(f"{e:.4f}" for e in errs),
+        burn = burn_in_fingerprint(os.path.join(folder, "burnin"), list(range(1, cpu_preset().burn_in.epochs + 1)))
+        run = run_fingerprint(os.path.join(folder, "ST_s20"))
+        ref = ref or (burn, run)
+        first_epoch = next((a["epoch"] for a, b in zip(burn, ref[0]) if a["sha256"] != b["sha256"]), None)
+        online = first_step_difference(run["steps"], ref[1]["steps"], ("here", "in the first row"))
+        summary = run["summary"]
+        rows.append({"setting": name, "kernels": kernels, "errs": " / ".join(f"{e['test_err']:.4f}" for e in burn),
                      "burn_in_first": "identical" if first_epoch is None else f"epoch {first_epoch}",
                      "online_first": online or "identical", "steps": summary["steps"],
                      "drop": f"{100 * (summary['err_after_trigger'] - summary['err_before_trigger']):.2f}"})

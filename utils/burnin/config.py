@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from utils.core.data import DATASETS, dataset_info
 from utils.core.models import ARCHS, ModelSpec, model_spec
-from utils.core.train import KERNELS, KERNELS_HELP
+from utils.core.train import KERNELS, KERNELS_HELP, SEED_MAX
 from utils.errors import UserError
 from utils.fields import check_fields, opt
 
@@ -39,7 +39,7 @@ class BurnInConfig:
     overwrite: bool = opt(False, "replace a burn-in already in --outf")
     clip_gradnorm: bool = opt(False, "clip the gradient's L2 norm to --clipvalue")
     clipvalue: float = opt(1.0, "the L2 norm --clip_gradnorm clips to", low=0, low_open=True)
-    seed: int = opt(0, "the burn-in's seed (initialisation, shuffling, augmentation)", low=0, high=2 ** 32 - 1)
+    seed: int = opt(0, "the burn-in's seed (initialisation, shuffling, augmentation)", low=0, high=SEED_MAX)
     device: str | None = opt(None, "cpu, cuda or cuda:N (default: cuda if available)")
     deterministic: bool = opt(False, "deterministic kernels only (slower on CUDA; see utils/core/train.py)")
     threads: int = opt(0, "torch's CPU threads (0: torch's default, the cores); results on the CPU depend on it",

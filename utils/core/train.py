@@ -111,6 +111,9 @@ def use_cpu_kernels(kernels: str) -> None:
                         f"{' '.join(f'{k}={v}' for k, v in PORTABLE_KERNELS.items())} before Python starts)")
 
 
+SEED_MAX = 2 ** 32 - 1  # the largest seed NumPy accepts
+
+
 def set_seed(seed: int) -> None:
     """Seed Python, NumPy and torch (CPU and CUDA)."""
     random.seed(seed)

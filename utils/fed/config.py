@@ -7,17 +7,16 @@ where they mean the same (``--feder_lambda``, ``--poisoned_trigger_step``, ``--c
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from utils.core.grads import MAX_INNER_STEPS, STEPS_NOTE
-from utils.core.train import KERNELS, KERNELS_HELP
+from utils.core.train import KERNELS, KERNELS_HELP, SEED_MAX
 from utils.errors import UserError
 from utils.fed import aggregators
+from utils.io.results import check_run_files
 from utils.fields import Composite, check_fields, opt, replace  # replace: for the importers of this module
 
-SEED_MAX = 2 ** 32 - 1
 RESERVED = ("config.json", "rounds.jsonl", "summary.json")
 
 
@@ -41,12 +40,7 @@ class FedRunConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
-        if not self.log_name or os.path.basename(self.log_name) != self.log_name or self.log_name in RESERVED:
-            raise UserError(f"--log_name must be a plain file name other than {', '.join(RESERVED)}, "
-                            f"got {self.log_name!r}")
-        for flag, value in (("--resume", self.resume), ("--model_name", self.model_name)):
-            if not value:
-                raise UserError(f"{flag} must not be empty")
+        check_run_files(self.log_name, RESERVED, {"--resume": self.resume, "--model_name": self.model_name})
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,16 @@ def _disk_error(path: str, e: OSError) -> UserError:
                      f"and run the command again")
 
 
+def check_run_files(log_name: str, reserved: tuple[str, ...], required: dict[str, str]) -> None:
+    """A run's --log_name is a plain file name other than the run's own result files (``reserved``); each required
+    path (flag -> value) is given."""
+    if not log_name or os.path.basename(log_name) != log_name or log_name in reserved:
+        raise UserError(f"--log_name must be a plain file name other than {', '.join(reserved)}, got {log_name!r}")
+    for flag, value in required.items():
+        if not value:
+            raise UserError(f"{flag} must not be empty")
+
+
 def atomic_write(path: str, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)``, flush it to disk, then rename onto ``path``: readers never see a half-written
     file, even after Ctrl-C, a crash or a full disk (the temporary file is removed)."""

@@ -15,14 +15,14 @@ from utils.attack.attacker import AttackConfig
 from utils.core.data import DATASETS
 from utils.core.grads import MAX_INNER_STEPS, STEPS_NOTE
 from utils.core.models import ARCHS
-from utils.core.train import KERNELS, KERNELS_HELP, LearnerConfig
+from utils.core.train import KERNELS, KERNELS_HELP, SEED_MAX, LearnerConfig
 from utils.defense.config import ATConfig, DSCConfig
 from utils.defense import defenders
 from utils.detect.measure import MeasureConfig
 from utils.errors import UserError
+from utils.io.results import check_run_files
 from utils.fields import Composite, check_choice, check_fields, opt, replace  # replace: for the importers of this module
 
-SEED_MAX = 2 ** 32 - 1
 RESERVED = ("config.json", "steps.jsonl", "md.jsonl", "detectors.jsonl", "summary.json")
 
 
@@ -54,12 +54,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
-        if not self.log_name or os.path.basename(self.log_name) != self.log_name or self.log_name in RESERVED:
-            raise UserError(f"--log_name must be a plain file name other than {', '.join(RESERVED)}, "
-                            f"got {self.log_name!r}")
-        for flag, value in (("--resume", self.resume), ("--model_name", self.model_name)):
-            if not value:
-                raise UserError(f"{flag} must not be empty")
+        check_run_files(self.log_name, RESERVED, {"--resume": self.resume, "--model_name": self.model_name})
         if self.norm is not None:
             check_choice("--use_bn/--group_norm", self.norm, ("bn", "gn"))
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from utils.burnin.config import BurnInConfig
+from utils.core.train import SEED_MAX
 from utils.detect.detectors import DETECTORS
 from utils.errors import UserError
 from utils.fields import check_number, opt
@@ -45,9 +46,9 @@ class Preset:
     memorized_epoch: int = opt(0, "the burn-in epoch of the memorized model")
     base: OnlineConfig = field(default_factory=OnlineConfig)
     seeds: tuple[int, ...] = opt((20, 21, 22), "the online seeds (one run per row and replicate)", low=0,
-                                 high=2 ** 32 - 1)
+                                 high=SEED_MAX)
     burn_in_seeds: tuple[int, ...] = opt((0,), "the burn-ins' seeds: each a starting model, every online seed run "
-                                         "on each", low=0, high=2 ** 32 - 1)
+                                         "on each", low=0, high=SEED_MAX)
     dsc_calibrate: float = opt(0.0, "a row for DSC with τ calibrated at this quantile (0: none)", low=0, high=1,
                                note="a quantile; 0: no calibrated row")
     adaptive: tuple[float, ...] = ()  # λ of the adaptive attacker's rows (ST and the main DSC row)
@@ -68,7 +69,7 @@ class Preset:
             if len(set(seeds)) != len(seeds) or not seeds:
                 raise UserError(f"{flag} must be distinct (each seed is one replicate), got {list(seeds)}")
             for seed in seeds:
-                check_number(flag, seed, 0, 2 ** 32 - 1, integer=True)
+                check_number(flag, seed, 0, SEED_MAX, integer=True)
         check_number("--dsc_calibrate", self.dsc_calibrate, 0, 1, note="a quantile; 0: no calibrated row")
         for lam in self.adaptive:
             check_number("--adaptive", lam, 0, 1e6, low_open=True)

@@ -32,9 +32,9 @@ def run_presets(presets: list[tuple[Preset, str]], fresh: bool,
     burn_ins, runs = [], []  # runs: (preset's index, row label, replicate, configuration, burn-in's index)
     for i, (preset, out) in enumerate(presets):
         first = len(burn_ins)
-        for b in preset.burn_in_seeds:
-            refuse_other_burn_in(preset.burn_in_for(b), fresh)  # before anything is written
-            burn_ins.append((preset.burn_in_for(b), sorted({preset.online_epoch, preset.memorized_epoch})))
+        for cfg in map(preset.burn_in_for, preset.burn_in_seeds):
+            refuse_other_burn_in(cfg, fresh)  # before anything is written
+            burn_ins.append((cfg, sorted({preset.online_epoch, preset.memorized_epoch})))
         runs += [(i, row.label, rep, preset.run_config(row, rep, out), first + preset.burn_in_seeds.index(rep[0]))
                  for rep in preset.replicates() for row in preset.rows()]
     with contextlib.ExitStack() as stack:
