@@ -210,7 +210,8 @@ def test_a_run_writes_its_files_and_repeats_bit_for_bit(tiny_run, small_data, tm
 def test_the_attacker_alone_is_the_authors_experiment(tiny_run, small_data, tmp_path):
     """--attacker_only: the global model follows the attacker's SGD steps (momentum kept) as the authors' single
     optimizer does: compared with torch.optim.SGD stepping −λ·A directly (to float rounding: the two add the
-    momentum step in another order)."""
+    momentum step in another order, and each second-order round amplifies the last bits; measured 3e-6 of the
+    largest parameter's move in channels_last, 7e-7 contiguous, so within 1e-5 of it)."""
     from utils.attack.craft import second_order_term
     from utils.core.checkpoint import load_checkpoint, model_from_checkpoint
     from utils.fed.context import build_context
@@ -234,7 +235,8 @@ def test_the_attacker_alone_is_the_authors_experiment(tiny_run, small_data, tmp_
         for p, g in zip(model.parameters(), grads):
             p.grad = cfg.attack.boost * g  # the boost scales the step
         opt.step()
-    assert torch.allclose(server.theta, param_vector(model), rtol=1e-5, atol=1e-7)
+    moved = (param_vector(model) - ctx.theta0).abs().max()
+    assert (server.theta - param_vector(model)).abs().max() <= 1e-5 * moved
     assert not torch.equal(server.theta, ctx.theta0)
 
 

@@ -95,3 +95,54 @@ def test_unknown_arch_and_bad_spec():
         model_spec("cnn", info, norm="ln")
     with pytest.raises(UserError, match="width"):
         model_spec("cnn", info, width=-1)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_eval_mode_folds_batchnorm_into_the_convolution_without_changing_the_function(arch):
+    """conv_norm in eval mode is the same affine map as BatchNorm after the convolution (logits and input gradients
+    to float rounding), and in train mode it is the modules' own path, bit for bit."""
+    import utils.core.models as models
+
+    torch.manual_seed(0)
+    model = build_model(model_spec(arch, dataset_info("cifar10"), width=8))
+    with torch.no_grad():  # running statistics that are not the initial ones
+        model.train()(torch.rand(64, 3, 32, 32))
+    x = torch.rand(8, 3, 32, 32, requires_grad=True)
+    plain = lambda conv, norm, t: norm(conv(t))  # noqa: E731
+
+    def logits_and_input_grad(mode: bool, conv_norm) -> tuple[torch.Tensor, torch.Tensor]:
+        saved, models.conv_norm = models.conv_norm, conv_norm
+        try:
+            out = model.train(mode)(x)
+            return out.detach(), torch.autograd.grad(out.square().sum(), x)[0]
+        finally:
+            models.conv_norm = saved
+
+    folded, unfolded = logits_and_input_grad(False, models.conv_norm), logits_and_input_grad(False, plain)
+    assert not torch.equal(folded[0], unfolded[0]) or arch == "cnn"  # another order of float operations ...
+    for a, b in zip(folded, unfolded):  # ... for the same function
+        assert (a - b).norm() <= 1e-5 * b.norm(), ((a - b).norm() / b.norm()).item()
+    for a, b in zip(logits_and_input_grad(True, models.conv_norm), logits_and_input_grad(True, plain)):
+        assert torch.equal(a, b)
+
+
+def test_channels_last_is_used_except_where_onednn_fails():
+    """The default layout is channels_last; ResNet-18 below width 8 (strided 1x1 convolutions on fewer than 8
+    channels, which oneDNN's AVX2 kernels corrupt the heap on) is built contiguous; --memory_format contiguous is
+    honoured."""
+    import utils.core.models as models
+
+    def layout(arch: str, width: int) -> bool:
+        conv = next(m for m in build_model(model_spec(arch, dataset_info("cifar10"), width=width)).modules()
+                    if isinstance(m, nn.Conv2d) and m.in_channels > 3)
+        return conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+
+    assert models.memory_format() == "channels_last"
+    assert layout("cnn", 4) and layout("resnet18", 8) and not layout("resnet18", 4)
+    models.use_memory_format("contiguous")
+    try:
+        assert not layout("cnn", 4) and not layout("resnet18", 8)
+    finally:
+        models.use_memory_format("channels_last")
+    with pytest.raises(UserError, match="unknown memory format"):
+        models.use_memory_format("nhwc")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 
 from utils.sweep.overrides import with_overrides
@@ -61,3 +62,28 @@ def test_the_cpu_preset_runs_the_claims_rows_on_ten_paired_replicates_with_pinne
         cfgs = [preset.run_config(row, rep, "out") for rep in reps]
         assert {(c.run.resume, c.run.seed) for c in cfgs} == {(preset.burn_in_for(b).outf, s) for b, s in reps}
         assert {c.run.kernels for c in cfgs} == {preset.burn_in.kernels} == {"portable"}
+
+
+def test_a_burn_in_written_before_the_memory_format_setting_counts_as_contiguous(tiny_run, small_data, tmp_path):
+    """A checkpoint whose flags predate --memory_format was trained contiguous: reused for a contiguous burn-in,
+    refused (as another configuration) for the default channels_last one."""
+    import dataclasses
+
+    from conftest import tiny_burn_in_config
+    from utils.core.checkpoint import load_checkpoint, save_checkpoint, model_from_checkpoint
+    from utils.errors import UserError
+    from utils.sweep.reuse import burn_in_matches, refuse_other_burn_in
+
+    ckpt = load_checkpoint(os.path.join(tiny_run, "epoch1.pth"))
+    args = {k: v for k, v in ckpt["args"].items() if k != "memory_format"}
+    model, spec = model_from_checkpoint(ckpt)
+    old = str(tmp_path / "old")
+    os.makedirs(old)
+    save_checkpoint(os.path.join(old, "epoch1.pth"), model, spec, epoch=1, err_cls=ckpt["err_cls"], args=args,
+                    run_id=ckpt["run_id"])
+    cfg = dataclasses.replace(tiny_burn_in_config(small_data, old), seed=args["seed"])
+    assert cfg.memory_format == "channels_last"
+    assert burn_in_matches(cfg, os.path.join(old, "epoch1.pth")) == ["--memory_format 'contiguous' -> 'channels_last'"]
+    assert burn_in_matches(dataclasses.replace(cfg, memory_format="contiguous"), os.path.join(old, "epoch1.pth")) == []
+    with pytest.raises(UserError, match="another configuration.*memory_format"):
+        refuse_other_burn_in(cfg, fresh=False)

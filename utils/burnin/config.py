@@ -5,14 +5,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from utils.core.data import DATASETS, dataset_info
-from utils.core.models import ARCHS, ModelSpec, model_spec
+from utils.core.models import ARCHS, MEMORY_FORMAT_HELP, MEMORY_FORMATS, ModelSpec, model_spec
 from utils.core.train import KERNELS, KERNELS_HELP, SEED_MAX
 from utils.errors import UserError
 from utils.fields import check_fields, opt
 
 # the settings a resumed run must share with the run it continues (they decide its weights)
 SAME_ON_RESUME = ("dataset", "arch", "width", "group_norm", "batch_size", "lr", "momentum", "weight_decay", "seed",
-                  "subset", "clip_gradnorm", "clipvalue", "kernels")
+                  "subset", "clip_gradnorm", "clipvalue", "kernels", "memory_format")
+# what a checkpoint written before a setting existed was made with
+LEGACY_ARGS = {"memory_format": "contiguous"}
+
+
+def checkpoint_args(ckpt: dict) -> dict:
+    """The burn-in flags a checkpoint was written with, a setting it predates at the value it then had."""
+    return {**LEGACY_ARGS, **(ckpt.get("args") or {})}
 
 
 @dataclass(frozen=True)
@@ -45,6 +52,7 @@ class BurnInConfig:
     threads: int = opt(0, "torch's CPU threads (0: torch's default, the cores); results on the CPU depend on it",
                        low=0, high=4096)
     kernels: str = opt("native", KERNELS_HELP, flag="--cpu_kernels", choices=KERNELS)
+    memory_format: str = opt("channels_last", MEMORY_FORMAT_HELP, choices=tuple(MEMORY_FORMATS))
     subset: int = opt(0, "train on the first N training samples only (0: all)", low=0)
 
     def __post_init__(self) -> None:

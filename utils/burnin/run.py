@@ -19,8 +19,8 @@ from utils.core.checkpoint import check_spec, load_checkpoint, model_from_checkp
 from utils.core.data import BatchLoader, Split, get_data, train_loader
 from utils.core.distributed import Dist, agree, broadcast, setup, teardown, unwrap, wrap
 from utils.errors import UserError
-from utils.burnin.config import SAME_ON_RESUME, BurnInConfig
-from utils.core.models import build_model
+from utils.burnin.config import SAME_ON_RESUME, BurnInConfig, checkpoint_args
+from utils.core.models import build_model, use_memory_format
 from utils.io.results import FolderLock, append_jsonl, ensure_dir, read_jsonl, write_json, write_jsonl
 from utils.core.train import (environment, evaluate, get_device, set_deterministic, set_seed, set_threads, train_epoch,
                               use_cpu_kernels)
@@ -92,7 +92,7 @@ def resume_state(cfg: BurnInConfig, state: TrainState) -> None:
     if ckpt.get("optimizer") is None or ckpt.get("rng") is None:
         raise UserError(f"{path!r} has no optimizer/RNG state and cannot be resumed from")
     for key in SAME_ON_RESUME:
-        before = ckpt.get("args", {}).get(key)
+        before = checkpoint_args(ckpt).get(key)
         if before is not None and before != getattr(cfg, key):
             raise UserError(f"--resume: the run in {path!r} used --{key} {before}, this command gives "
                             f"{getattr(cfg, key)}; resume with the same flags (or start a new --outf)")
@@ -173,6 +173,7 @@ def run_burn_in(cfg: BurnInConfig) -> str:
     """Train (or continue) a burn-in run, in one process or as one rank of a torchrun job; returns its run id."""
     set_threads(cfg.threads)
     use_cpu_kernels(cfg.kernels)
+    use_memory_format(cfg.memory_format)
     dist = setup(get_device(cfg.device))
     state = loader = None
     try:

@@ -120,14 +120,14 @@ def augment_batch(x: torch.Tensor, info: DatasetInfo, generator: torch.Generator
     """Random crop with zero padding and random horizontal flip, per sample (SPEC phase 1)."""
     n, c, h, w = x.shape
     p = info.crop_padding
-    if p > 0:
-        padded = F.pad(x, (p, p, p, p))
+    if p > 0:  # one gather of each sample's window out of the padded images (the same pixels as indexing them)
+        padded = F.pad(x, (p, p, p, p)).flatten(2)
         dy = torch.randint(0, 2 * p + 1, (n,), generator=generator).to(x.device)
         dx = torch.randint(0, 2 * p + 1, (n,), generator=generator).to(x.device)
-        rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
-        cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
-        x = padded[torch.arange(n, device=x.device)[:, None, None, None],
-                   torch.arange(c, device=x.device)[None, :, None, None], rows, cols]
+        rows = dy[:, None, None] + torch.arange(h, device=x.device)[None, :, None]
+        cols = dx[:, None, None] + torch.arange(w, device=x.device)[None, None, :]
+        index = (rows * (w + 2 * p) + cols).flatten(1)[:, None, :].expand(n, c, h * w)
+        x = padded.gather(2, index).view(n, c, h, w)
     if info.hflip:
         flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
         x = torch.where(flip[:, None, None, None], x.flip(3), x)

@@ -1,16 +1,41 @@
-"""The authors' CIFAR ResNet-18 and a small CNN for the CPU scale; normalisation lives inside the model."""
+"""The authors' CIFAR ResNet-18 and a small CNN for the CPU scale; normalisation lives inside the model.
+
+In eval mode a convolution followed by BatchNorm runs as one convolution with the BatchNorm folded into its weight
+and bias (``conv_norm``): the same function, and its input gradients (the attack's double backward) no longer pass
+through BatchNorm's activation-sized backward (docs/results/bench_phases_*.txt)."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from utils.core.data import DatasetInfo
 from utils.errors import UserError
 
 ARCHS = ("resnet18", "cnn")
 NORMS = ("bn", "gn")
+# The weights' memory layout of every model this process builds (``use_memory_format``): channels_last runs oneDNN's
+# NHWC convolutions, about twice as fast on the CPU for evaluation and training steps (bench/bench_phases.py); the
+# values are the same function, the floats differ in the last bits from the contiguous layout.
+MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
+MEMORY_FORMAT_HELP = ("the weights' memory layout: channels_last (default; the faster convolutions on the CPU) or "
+                      "contiguous (the layout of runs made before it existed); the floats differ between the two")
+_memory_format = {"value": "channels_last"}
+
+
+def use_memory_format(name: str) -> None:
+    """Build every later model of this process in this layout (``MEMORY_FORMATS``); set once per run, with the
+    threads and the CPU kernels."""
+    if name not in MEMORY_FORMATS:
+        raise UserError(f"unknown memory format {name!r}; known: {', '.join(MEMORY_FORMATS)}")
+    _memory_format["value"] = name
+
+
+def memory_format() -> str:
+    """The layout models are built in now (``use_memory_format``)."""
+    return _memory_format["value"]
 
 
 @dataclass(frozen=True)
@@ -71,6 +96,29 @@ class Normalize(nn.Module):
         return (x - self.mean) / self.std
 
 
+def conv_norm(conv: nn.Conv2d, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """norm(conv(x)); in eval mode with BatchNorm, one convolution with the norm folded in: weight W·s, bias b − μ·s
+    with s = γ / √(σ² + eps) (the same affine map; the parameters γ, b and W stay differentiable)."""
+    if norm.training or not isinstance(norm, nn.BatchNorm2d) or conv.bias is not None:
+        return norm(conv(x))
+    scale = norm.weight * torch.rsqrt(norm.running_var + norm.eps)
+    shift = norm.bias - norm.running_mean * scale
+    return F.conv2d(x, conv.weight * scale.view(-1, 1, 1, 1), shift, conv.stride, conv.padding, conv.dilation,
+                    conv.groups)
+
+
+def run_layers(layers: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """A Sequential's layers in order, each Conv2d with the norm that follows it through ``conv_norm``."""
+    mods, i = list(layers), 0
+    while i < len(mods):
+        if isinstance(mods[i], nn.Conv2d) and i + 1 < len(mods) and isinstance(mods[i + 1], (nn.BatchNorm2d,
+                                                                                              nn.GroupNorm)):
+            x, i = conv_norm(mods[i], mods[i + 1], x), i + 2
+        else:
+            x, i = mods[i](x), i + 1
+    return x
+
+
 class BasicBlock(nn.Module):
     def __init__(self, spec: ModelSpec, inplanes: int, planes: int, stride: int = 1):
         super().__init__()
@@ -85,9 +133,9 @@ class BasicBlock(nn.Module):
                                             _norm_layer(spec, planes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(conv_norm(self.conv1, self.bn1, x))
+        out = conv_norm(self.conv2, self.bn2, out)
+        identity = x if self.downsample is None else run_layers(self.downsample, x)
         return self.relu(out + identity)
 
 
@@ -118,7 +166,7 @@ class ResNet18(nn.Module):
                 nn.init.constant_(m.bias, 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(self.normalize(x)))))
+        x = self.maxpool(self.relu(conv_norm(self.conv1, self.bn1, self.normalize(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
@@ -140,13 +188,22 @@ class SmallCNN(nn.Module):
         self.fc = nn.Linear(4 * w * 9, spec.num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(self.features(self.normalize(x)), 1))
+        return self.fc(torch.flatten(run_layers(self.features, self.normalize(x)), 1))
+
+
+def channels_last_safe(model: nn.Module) -> bool:
+    """False for a model with a strided 1x1 convolution on fewer than 8 channels (ResNet-18 below width 8): oneDNN
+    (torch 2.14) corrupts the heap on those in channels_last with its AVX2 kernels, i.e. the portable ones
+    (measured: 1x1 stride-2 convolutions with 1-7 input channels; 8 and more, 3x3 ones and AVX-512 are fine)."""
+    return not any(isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.stride != (1, 1) and m.in_channels < 8
+                   for m in model.modules())
 
 
 def build_model(spec: ModelSpec) -> nn.Module:
-    """A freshly initialised model for a ModelSpec."""
-    if spec.arch == "resnet18":
-        return ResNet18(spec)
-    if spec.arch == "cnn":
-        return SmallCNN(spec)
-    raise UserError(f"unknown arch {spec.arch!r}; known archs: {', '.join(ARCHS)}")
+    """A freshly initialised model for a ModelSpec, its weights in this process's layout (``use_memory_format``;
+    contiguous where ``channels_last_safe`` says channels_last is not)."""
+    if spec.arch not in ARCHS:
+        raise UserError(f"unknown arch {spec.arch!r}; known archs: {', '.join(ARCHS)}")
+    model = ResNet18(spec) if spec.arch == "resnet18" else SmallCNN(spec)
+    layout = memory_format() if channels_last_safe(model) else "contiguous"
+    return model.to(memory_format=MEMORY_FORMATS[layout])

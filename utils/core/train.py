@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from utils.core.data import BatchLoader, Split
 from utils.core.distributed import Dist, all_sum, shard
+from utils.core.models import memory_format
 from utils.errors import UserError
 from utils.fields import check_fields, opt
 
@@ -60,7 +61,7 @@ def environment(device: torch.device) -> dict:
             "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None, "cpu": cpu_model(),
             "threads": torch.get_num_threads(), "deterministic": torch.are_deterministic_algorithms_enabled(),
-            "cpu_kernels": cpu_kernels()}
+            "cpu_kernels": cpu_kernels(), "memory_format": memory_format()}
 
 
 def cpu_model() -> str:

@@ -14,7 +14,7 @@ from typing import Any
 from utils.attack.attacker import AttackConfig
 from utils.core.data import DATASETS
 from utils.core.grads import MAX_INNER_STEPS, STEPS_NOTE
-from utils.core.models import ARCHS
+from utils.core.models import ARCHS, MEMORY_FORMAT_HELP, MEMORY_FORMATS
 from utils.core.train import KERNELS, KERNELS_HELP, SEED_MAX, LearnerConfig
 from utils.defense.config import ATConfig, DSCConfig
 from utils.defense import defenders
@@ -47,6 +47,7 @@ class RunConfig:
     threads: int = opt(0, "torch's CPU threads (0: torch's default, the cores); results on the CPU depend on it",
                        low=0, high=4096)
     kernels: str = opt("native", KERNELS_HELP, flag="--cpu_kernels", choices=KERNELS)
+    memory_format: str = opt("channels_last", MEMORY_FORMAT_HELP, choices=tuple(MEMORY_FORMATS))
     log_name: str = opt("log.txt", "name of the text log inside --out")
     dataset: str | None = opt(None, "assert the dataset (default: the checkpoint's)", choices=tuple(DATASETS))
     arch: str | None = opt(None, "assert the arch (default: the checkpoint's)", choices=ARCHS)

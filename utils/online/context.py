@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from utils.core.checkpoint import check_spec, load_checkpoint, load_memorized_model, model_from_checkpoint
 from utils.core.data import Data, Split, get_data
-from utils.core.models import ModelSpec
+from utils.core.models import ModelSpec, use_memory_format
 from utils.core.stream import Stream, poison_mask
 from utils.core.train import Learner, get_device, set_deterministic, set_seed, set_threads, use_cpu_kernels
 from utils.errors import UserError
@@ -98,6 +98,7 @@ def build_context(cfg: OnlineConfig) -> RunContext:
     """Load and draw everything a run needs, in a fixed order of random draws (so a seed fixes the run)."""
     set_threads(cfg.run.threads)
     use_cpu_kernels(cfg.run.kernels)
+    use_memory_format(cfg.run.memory_format)
     device = get_device(cfg.run.device)
     if cfg.run.deterministic:
         set_deterministic(device)

@@ -8,7 +8,7 @@ import glob
 import os
 from typing import Any, Sequence
 
-from utils.burnin.config import SAME_ON_RESUME, BurnInConfig
+from utils.burnin.config import SAME_ON_RESUME, BurnInConfig, checkpoint_args
 from utils.burnin.run import run_burn_in
 from utils.core.checkpoint import load_checkpoint
 from utils.errors import UserError
@@ -79,7 +79,7 @@ def ensure_online(cfg: OnlineConfig, fresh: bool = False) -> dict:
 
 def burn_in_matches(cfg: BurnInConfig, path: str) -> list[str]:
     """The settings that decide a checkpoint's weights and differ between ``cfg`` and the run that wrote it."""
-    args = load_checkpoint(path).get("args", {})
+    args = checkpoint_args(load_checkpoint(path))
     return [f"--{k} {args.get(k)!r} -> {getattr(cfg, k)!r}" for k in SAME_ON_RESUME
             if k in args and args[k] != getattr(cfg, k)]
 
