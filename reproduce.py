@@ -8,11 +8,14 @@ published runs.
   python reproduce.py --preset paper           # CIFAR-10, ResNet-18, the papers' constants (a GPU)
   python reproduce.py --preset capacity        # the first cpu protocol for the CNN and ResNet-18 at widths 16, 32
   python reproduce.py --preset federated       # the federated attack per aggregator, 3 burn-ins, 2 CPU cores
+  python reproduce.py --ablation bridge        # the cpu preset towards the authors' setting, step by step
+  python reproduce.py --ablation my.toml       # your own ablation (utils/sweep/ablation.py: the file's format)
 
 Writes results/<preset>/: claims.md/.csv, table.md/.csv, detectors.md/.csv, md_curve.md/.csv, the figures,
 preset.json, fingerprint.json, check.md (and check.json), and one folder per run under
 runs/<row>[_b<burn-in>]_s<seed>/ (config.json, steps.jsonl, md.jsonl, detectors.jsonl, summary.json); the capacity
-preset writes one such folder per model and results/capacity/ladder.md/.csv. Finished runs and burn-ins of the
+preset writes one such folder per model and results/capacity/ladder.md/.csv; an ablation writes one such folder per
+step and results/<ablation>/ablation.md/.csv/.json/.png (every claim at every step). Finished runs and burn-ins of the
 same configuration are reused, so an interrupted reproduction continues where it stopped; those of another
 configuration are refused (--fresh replaces them). The check's verdict never changes the exit status.
 """
@@ -34,6 +37,7 @@ from utils.core.train import get_device, use_cpu_kernels
 from utils.errors import UserError, run_cli
 from utils.io.results import read_json, read_jsonl, write_json
 from utils.report.reproduction import run_folders, write_reports
+from utils.report.ablation import write_ablation_reports
 from utils.report.federated import write_federated_reports
 from utils.report.tables import LADDER as LADDER_COLUMNS
 from utils.report.tables import ladder_rows, write_table
@@ -41,6 +45,7 @@ from utils.report.timing import online_step_costs
 from utils.sweep.on_ray import RayOptions, add_ray_flags, ray_options
 from utils.sweep.overrides import add_override_flags, overrides_from_args, with_overrides
 from utils.sweep.presets import LADDER, PRESETS, Preset, capacity_rung, smoke
+from utils.sweep.ablation import load_ablation, run_ablation
 from utils.sweep.federated import federated_preset, federated_smoke, run_federated_preset
 from utils.sweep.runs import run_presets
 
@@ -53,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="cpu", choices=[*PRESETS, "capacity", "federated"])
     p.add_argument("--smoke", action="store_true", help="every stage with tiny sizes (a burn-in of two epochs on "
                    "256 samples, two online steps, one seed), on the preset's dataset, model and device")
+    p.add_argument("--ablation", default=None, metavar="NAME|FILE", help="run an ablation: a shipped one by name "
+                   "(bridge) or a TOML file of steps (each a set of --set changes, cumulative or one at a time) on "
+                   "the base preset's paired replicates; replaces --preset")
     p.add_argument("--rungs", nargs="+", default=list(LADDER), choices=list(LADDER), help="capacity: the models")
     p.add_argument("--out", default=None, help="results folder (default results/<preset>[_smoke])")
     p.add_argument("--fresh", action="store_true", help="replace finished runs and burn-ins of another configuration")
@@ -66,9 +74,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
+    if args.ablation is not None and args.preset != "cpu":
+        raise UserError("--ablation names its own base preset (its file's base = ...); drop --preset")
     if args.published is not None and args.preset in ("capacity", "federated"):
         raise UserError(f"--published checks the online presets' runs; --preset {args.preset} has no check")
-    if args.published is not None and not os.path.isfile(os.path.join(args.published, "fingerprint.json")):
+    if args.published is not None and args.ablation is not None and not os.path.isdir(args.published):
+        raise UserError(f"--published {args.published}: no such folder (give the folder of an ablation's results, "
+                        f"e.g. docs/results/bridge)")
+    if args.published is not None and args.ablation is None and not os.path.isfile(
+            os.path.join(args.published, "fingerprint.json")):
         raise UserError(f"--published {args.published}: no fingerprint.json there (give the folder of a "
                         f"reproduction, e.g. docs/results/{args.preset} or results/{args.preset})")
     return args
@@ -118,12 +132,24 @@ def run_federated_reproduction(args: argparse.Namespace, overrides: dict, ray: R
     return write_federated_reports(preset, out, run_federated_preset(preset, out, args.fresh))
 
 
+def run_ablation_reproduction(args: argparse.Namespace, overrides: dict, ray: RayOptions | None) -> str:
+    """An ablation: every step as a preset on the same replicates, its reports, the ablation table and figure."""
+    ab = load_ablation(args.ablation)
+    name = ab.name + ("_smoke" if args.smoke else "")
+    use_cpu_kernels(PRESETS[ab.base]().base.run.kernels)  # before this process's first computation
+    out = args.out or os.path.join("results", name)
+    steps, groups = run_ablation(ab, out, overrides, args.smoke, args.fresh, ray)
+    return write_ablation_reports(ab, steps, groups, args.published or os.path.join(PUBLISHED, name), out)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     overrides = overrides_from_args(args)
     started = time.time()
     ray = ray_options(args)
-    if args.preset == "federated":
+    if args.ablation is not None:
+        text = run_ablation_reproduction(args, overrides, ray)
+    elif args.preset == "federated":
         text = run_federated_reproduction(args, overrides, ray)
     elif args.preset == "capacity":
         text = run_capacity(args, overrides, ray)

@@ -12,9 +12,9 @@ from utils.fields import check_fields, opt
 
 # the settings a resumed run must share with the run it continues (they decide its weights)
 SAME_ON_RESUME = ("dataset", "arch", "width", "group_norm", "batch_size", "lr", "momentum", "weight_decay", "seed",
-                  "subset", "clip_gradnorm", "clipvalue", "kernels", "memory_format")
+                  "subset", "clip_gradnorm", "clipvalue", "kernels", "memory_format", "normalize")
 # what a checkpoint written before a setting existed was made with
-LEGACY_ARGS = {"memory_format": "contiguous"}
+LEGACY_ARGS = {"memory_format": "contiguous", "normalize": True}
 
 
 def checkpoint_args(ckpt: dict) -> dict:
@@ -54,6 +54,8 @@ class BurnInConfig:
     kernels: str = opt("native", KERNELS_HELP, flag="--cpu_kernels", choices=KERNELS)
     memory_format: str = opt("channels_last", MEMORY_FORMAT_HELP, choices=tuple(MEMORY_FORMATS))
     subset: int = opt(0, "train on the first N training samples only (0: all)", low=0)
+    normalize: bool = opt(True, "no input normalisation: the model sees [0, 1] pixels, as the authors' ResNet-18 "
+                          "(default: the dataset's mean/std inside the model)", flag="--no_normalize", negate=True)
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -63,4 +65,5 @@ class BurnInConfig:
 
     def spec(self) -> ModelSpec:
         info = dataset_info(self.dataset)
-        return model_spec(self.arch, info, "gn" if self.group_norm else "bn", self.group_norm or 32, self.width)
+        return model_spec(self.arch, info, "gn" if self.group_norm else "bn", self.group_norm or 32, self.width,
+                          self.normalize)

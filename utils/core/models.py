@@ -64,15 +64,18 @@ class ModelSpec:
         return ModelSpec(**d)
 
 
-def model_spec(arch: str, info: DatasetInfo, norm: str = "bn", groups: int = 32, width: int = 0) -> ModelSpec:
-    """A ModelSpec for an arch on a dataset; unknown arch or norm is a UserError."""
+def model_spec(arch: str, info: DatasetInfo, norm: str = "bn", groups: int = 32, width: int = 0,
+               normalize: bool = True) -> ModelSpec:
+    """A ModelSpec for an arch on a dataset (``normalize``: the dataset's mean/std inside the model; off: the model
+    sees [0, 1] pixels, as the authors' ResNet-18); unknown arch or norm is a UserError."""
     if arch not in ARCHS:
         raise UserError(f"unknown arch {arch!r}; known archs: {', '.join(ARCHS)}")
     if norm not in NORMS:
         raise UserError(f"unknown norm {norm!r}; known: {', '.join(NORMS)}")
     if width < 0:
         raise UserError(f"--width must be >= 0 (0 = the arch's default), got {width}")
-    return ModelSpec(arch, info.name, info.num_classes, info.in_channels, norm, groups, width, info.mean, info.std)
+    mean, std = (info.mean, info.std) if normalize else ((0.0,) * info.in_channels, (1.0,) * info.in_channels)
+    return ModelSpec(arch, info.name, info.num_classes, info.in_channels, norm, groups, width, mean, std)
 
 
 def _norm_layer(spec: ModelSpec, channels: int) -> nn.Module:

@@ -127,3 +127,31 @@ def plot_md_curve(plt: Any, rows: list[dict], path: str) -> str | None:
     ax.set(xlabel="epoch of the memorized model", ylabel="MD AUROC", title="MD's separation by the memorized epoch")
     ax.legend()
     return _save(plt, fig, path)
+
+
+def plot_ablation(plt: Any, rows: list[dict], claims: tuple[str, ...], stealth_points: float, path: str) -> str:
+    """Each claim's paired effect with its 95 % interval at every step of an ablation (left), and the accumulative
+    phase's own cost (right), the thresholds dashed."""
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.8), gridspec_kw={"width_ratios": [3, 2]})
+    x = np.arange(len(rows))
+    for i, (key, marker) in enumerate(zip(claims, "os^Dv")):
+        xs = x + (i - (len(claims) - 1) / 2) * 0.1
+        pts = [(xi, r[f"{key}_mean"], r[f"{key}_low"], r[f"{key}_high"]) for xi, r in zip(xs, rows)
+               if r.get(f"{key}_mean") is not None]
+        if pts:
+            px, m, lo, hi = map(np.array, zip(*pts))
+            ax.errorbar(px, m, yerr=[m - lo, hi - m], fmt=marker, capsize=3, label=key, markerfacecolor="none")
+    ax.axhline(1.0, ls="--", color="grey", lw=1)
+    ax.axhline(0.0, color="black", lw=0.5)
+    ax.set(ylabel="paired effect (pts), 95 % interval", title="claims along the ablation (threshold: 1 pt)")
+    pts = [(xi, r["stealth_mean"], r["stealth_low"], r["stealth_high"]) for xi, r in zip(x, rows)
+           if r.get("stealth_mean") is not None]
+    if pts:
+        px, m, lo, hi = map(np.array, zip(*pts))
+        bx.errorbar(px, m, yerr=[m - lo, hi - m], fmt="o", capsize=3, color="C3")
+    bx.axhline(stealth_points, ls="--", color="grey", lw=1)
+    bx.set(ylabel="accuracy cost of the accumulative phase (pts)", title=f"stealth (stealthy: < {stealth_points:g})")
+    for a in (ax, bx):
+        a.set_xticks(x, [r["step"] for r in rows], rotation=30, ha="right", fontsize=7)
+    ax.legend(fontsize=7)
+    return _save(plt, fig, path)

@@ -123,9 +123,9 @@ def with_overrides(preset: Preset, changes: dict[str, Any]) -> Preset:
         owner, _, name = path.partition(".")
         by_owner.setdefault(owner, {})[name] = value
     b = by_owner.pop("burn_in", {})
-    if "outf" not in b and b.keys() & {"dataset", "arch", "width"}:  # another model: its own checkpoint folder
+    if "outf" not in b and b.keys() & {"dataset", "arch", "width", "normalize"}:  # another model: its own folder
         merged = dataclasses.replace(preset.burn_in, **b)
-        b["outf"] = checkpoint_folder(merged.dataset, merged.arch, merged.width)
+        b["outf"] = checkpoint_folder(merged.dataset, merged.arch, merged.width, merged.normalize)
     top = by_owner.pop("preset", {})
     ev = by_owner.get("eval", {})
     if ev.keys() & {"threshold", "threshold_delta"}:  # one stop rule replaces the other

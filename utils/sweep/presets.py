@@ -136,9 +136,10 @@ class Preset:
                                  "dataset": self.burn_in.dataset, "arch": self.burn_in.arch})
 
 
-def checkpoint_folder(dataset: str, arch: str, width: int) -> str:
-    """Where a preset's burn-in lives: checkpoints/<dataset>_<arch>[_w<width>]."""
-    return os.path.join("checkpoints", f"{dataset}_{arch}{f'_w{width}' if width else ''}")
+def checkpoint_folder(dataset: str, arch: str, width: int, normalize: bool = True) -> str:
+    """Where a preset's burn-in lives: checkpoints/<dataset>_<arch>[_w<width>][_raw] (_raw: no input
+    normalisation)."""
+    return os.path.join("checkpoints", f"{dataset}_{arch}{f'_w{width}' if width else ''}{'' if normalize else '_raw'}")
 
 
 # The cpu presets' torch threads, pinned: results on the CPU depend on the thread count (it splits the float sums),
