@@ -14,6 +14,7 @@ import pytest
 import reproduce
 from conftest import DATA_ROOT, REPO
 from utils.errors import UserError
+from utils.online.config import replace
 from utils.sweep.ablation import load_ablation, step_presets
 
 TWO_STEPS = """
@@ -178,3 +179,28 @@ def test_the_gpu_bridge_script_runs_in_its_cpu_smoke_form(tmp_path, monkeypatch)
     config = json.load(open(out / "runs" / "ST_s20" / "config.json"))
     assert config["model"]["arch"] == "resnet18" and config["model"]["mean"] == [0.0, 0.0, 0.0]
     assert config["config"]["attack"]["epsilon"] == 0.2 and os.path.getsize(out / "claims.md") > 0
+
+
+def test_a_step_reuses_the_base_presets_own_finished_runs(tmp_path):
+    """reuse_across_steps copies a finished run of the same configuration from a folder elsewhere (the base
+    preset's results/<preset>, e.g. make demo's) and leaves a run of another configuration alone."""
+    from utils.sweep.ablation import reuse_across_steps
+
+    ab = load_ablation(write(tmp_path, TWO_STEPS.format(name="t", mode="one_at_a_time")))
+    base = step_presets(ab, {"preset.burn_in_seeds": (0,), "preset.seeds": (20,)}, smoke_it=False)[0]
+    demo, out = str(tmp_path / "demo"), str(tmp_path / "ab" / "base")
+    rows = base.rows()
+    for row, summary in ((rows[0], {"delta": 0.5}), (rows[1], {"delta": 0.25})):
+        cfg = base.run_config(row, (0, 20), demo)
+        if row is rows[1]:  # another configuration: not copied
+            cfg = replace(cfg, learner={"lr": 0.5})
+        os.makedirs(cfg.run.out)
+        json.dump({"config": cfg.to_dict()}, open(os.path.join(cfg.run.out, "config.json"), "w"))
+        json.dump(summary, open(os.path.join(cfg.run.out, "summary.json"), "w"))
+    assert reuse_across_steps([(base, out)], (demo,)) == 1
+    run = os.path.join(out, "runs", base.run_name(rows[0], (0, 20)))
+    assert json.load(open(os.path.join(run, "summary.json"))) == {"delta": 0.5}
+    saved = json.load(open(os.path.join(run, "config.json")))
+    assert saved["config"]["run"]["out"] == run and saved["copied_from"].startswith(demo)
+    assert not os.path.exists(os.path.join(out, "runs", base.run_name(rows[1], (0, 20))))
+    assert reuse_across_steps([(base, out)], (demo,)) == 0  # already there
