@@ -13,8 +13,8 @@ eval mode as the runs use it unless said:
 * each detector: one batch's ``batch_view`` (its forward passes) and its score, fitted on ``--fit`` clean samples;
 * ST, AT (the authors': CE+KL descent, 10 steps) and DSC (τ = 0, so all 10 correction steps run) defender steps.
 
-FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` (convolutions and matrix products of the forward
-and every backward, the double backward of the crafting included; elementwise work is not counted, so GFLOP/s is
+FLOPs are counted with torch's own formulas (``torch.utils.flop_counter``; ``CountFlops`` below: convolutions and
+matrix products of the forward and every backward, the double backward of the crafting included; elementwise work is not counted, so GFLOP/s is
 the rate of the arithmetic that the peak measures). Each phase is timed in alternation between the **variants**:
 ``before`` (contiguous weights, BatchNorm as its own layer in eval mode: the code before this benchmark) and
 ``after`` (channels_last weights, BatchNorm folded into the convolution in eval mode: ``utils.core.models``), so
@@ -54,7 +54,11 @@ from utils.detect.detectors import DETECTORS, batch_view, build_detectors, fit_r
 from utils.report.timing import Timer
 
 VARIANTS = {"before": ("contiguous", False), "after": ("channels_last", True)}  # layout, BatchNorm folded
-PLAIN_CONV_NORM = staticmethod(lambda conv, norm, x: norm(conv(x)))
+
+
+def plain_conv_norm(conv: torch.nn.Conv2d, norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The "before" variant's path: the norm as its own layer, also in eval mode."""
+    return norm(conv(x))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -83,7 +87,7 @@ def variant(name: str):
     saved_layout, saved_fold = models.memory_format(), models.conv_norm
     models.use_memory_format(layout)
     if not folded:
-        models.conv_norm = PLAIN_CONV_NORM.__func__
+        models.conv_norm = plain_conv_norm
     try:
         yield
     finally:

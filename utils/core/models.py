@@ -2,7 +2,7 @@
 
 In eval mode a convolution followed by BatchNorm runs as one convolution with the BatchNorm folded into its weight
 and bias (``conv_norm``): the same function, and its input gradients (the attack's double backward) no longer pass
-through BatchNorm's activation-sized backward (docs/results/bench_phases_*.txt)."""
+through BatchNorm's activation-sized backward (docs/results/bench_phases/)."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass

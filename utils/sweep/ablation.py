@@ -19,19 +19,21 @@ An ablation is a small TOML file (``reproduce.py --ablation FILE``), or the name
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
-import json
 import os
 import re
 import shutil
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 from utils.errors import UserError
-from utils.io.results import read_json, write_json
+from utils.io.results import FolderLock, ensure_dir, read_json, write_json
+from utils.sweep.on_ray import RayOptions
 from utils.sweep.overrides import check_value, parse_set, with_overrides
-from utils.sweep.presets import PRESETS, Preset, smoke
+from utils.sweep.presets import PRESETS, Preset, Replicate, Row, smoke
 from utils.sweep.reuse import config_diff
+from utils.sweep.runs import run_presets
 
 MODES = ("cumulative", "one_at_a_time")
 SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ablations")
@@ -167,31 +169,35 @@ def _finished(run: str) -> bool:
     return os.path.isfile(os.path.join(run, "summary.json")) and os.path.isfile(os.path.join(run, "config.json"))
 
 
+def _runs(preset: Preset, out: str) -> Iterator[tuple[str, Row, Replicate, str]]:
+    """(run name, row, replicate, run folder) of every run of a preset in ``out``."""
+    for row in preset.rows():
+        for rep in preset.replicates():
+            name = preset.run_name(row, rep)
+            yield name, row, rep, os.path.join(out, "runs", name)
+
+
 def reuse_across_steps(presets: list[tuple[Preset, str]], elsewhere: tuple[str, ...] = ()) -> int:
     """Copy into each step's folder the finished runs another step (or a results folder ``elsewhere``, e.g. the base
     preset's own) already made with the same configuration (all but the results folder); returns how many."""
     done: dict[str, list[str]] = {}
-    for preset, out in [*presets, *((p, e) for p, _ in presets[:1] for e in elsewhere)]:
-        for row in preset.rows():
-            for rep in preset.replicates():
-                run = os.path.join(out, "runs", preset.run_name(row, rep))
-                if _finished(run):
-                    done.setdefault(preset.run_name(row, rep), []).append(run)
+    for preset, out in [*presets, *((presets[0][0], e) for e in elsewhere)]:
+        for name, _, _, run in _runs(preset, out):
+            if _finished(run):
+                done.setdefault(name, []).append(run)
     copied = 0
     for preset, out in presets:
-        for row in preset.rows():
-            for rep in preset.replicates():
-                run, cfg = os.path.join(out, "runs", preset.run_name(row, rep)), preset.run_config(row, rep, out)
-                if _finished(run):
-                    continue
-                wanted = cfg.to_dict()
-                for source in done.get(preset.run_name(row, rep), []):
-                    saved = read_json(os.path.join(source, "config.json"))
-                    if not [d for d in config_diff(saved.get("config", {}), wanted) if not d.startswith("run.out:")]:
-                        copy_run(source, run, saved, wanted)
-                        done[preset.run_name(row, rep)].append(run)
-                        copied += 1
-                        break
+        for name, row, rep, run in _runs(preset, out):
+            if _finished(run):
+                continue
+            wanted = preset.run_config(row, rep, out).to_dict()
+            for source in done.get(name, []):
+                saved = read_json(os.path.join(source, "config.json"))
+                if not config_diff(saved.get("config", {}), wanted, ignore=("run.out",)):
+                    copy_run(source, run, saved, wanted)
+                    done[name].append(run)
+                    copied += 1
+                    break
     return copied
 
 
@@ -201,7 +207,7 @@ def copy_run(source: str, run: str, saved: dict, wanted: dict) -> None:
     tmp = run.rstrip("/") + ".copying"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(source, tmp)
-    saved = json.loads(json.dumps(saved))
+    saved = copy.deepcopy(saved)
     saved["config"]["run"]["out"] = wanted["run"]["out"]
     saved["out"], saved["copied_from"] = wanted["run"]["out"], source
     write_json(os.path.join(tmp, "config.json"), saved)
@@ -210,13 +216,10 @@ def copy_run(source: str, run: str, saved: dict, wanted: dict) -> None:
 
 
 def run_ablation(ab: Ablation, out: str, overrides: dict[str, Any], smoke_it: bool, fresh: bool,
-                 ray: Any = None) -> tuple[list[tuple[Step, Preset, str]], list[dict]]:
+                 ray: RayOptions | None = None) -> tuple[list[tuple[Step, Preset, str]], list[dict]]:
     """Every step in turn (in <out>/<step slug>): the finished runs of identical configuration that an earlier
     step made are copied, the rest run or reused as the presets do; per step (step, preset, folder) and
     {row label: {replicate: summary}}."""
-    from utils.io.results import FolderLock, ensure_dir
-    from utils.sweep.runs import run_presets
-
     steps = [(step, preset, os.path.join(out, step.slug))
              for step, preset in zip(ab.steps, step_presets(ab, overrides, smoke_it))]
     groups, copied = [], 0

@@ -44,11 +44,11 @@ def resolved(flat: dict[str, Any]) -> dict[str, Any]:
     return {k: absolute_path(v) if k in PATHS else v for k, v in flat.items()}
 
 
-def config_diff(saved: dict, wanted: dict) -> list[str]:
-    """The fields where two configurations differ, as 'name: saved -> wanted' (ignoring IGNORED)."""
+def config_diff(saved: dict, wanted: dict, ignore: tuple[str, ...] = ()) -> list[str]:
+    """The fields where two configurations differ, as 'name: saved -> wanted' (ignoring IGNORED and ``ignore``)."""
     a, b = resolved(flatten(saved)), resolved(flatten(wanted))
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(a.keys() | b.keys())
-            if k not in IGNORED and a.get(k) != b.get(k)]
+            if k not in IGNORED + ignore and a.get(k) != b.get(k)]
 
 
 def finished_summary(cfg: OnlineConfig, fresh: bool) -> dict | None:
