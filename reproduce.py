@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(bridge) or a TOML file of steps (each a set of --set changes, cumulative or one at a time) on "
                    "the base preset's paired replicates; replaces --preset")
     p.add_argument("--rungs", nargs="+", default=list(LADDER), choices=list(LADDER), help="capacity: the models")
-    p.add_argument("--out", default=None, help="results folder (default results/<preset>[_smoke])")
+    p.add_argument("--out", default=None, metavar="DIR", help="results folder (default results/<preset>[_smoke])")
     p.add_argument("--fresh", action="store_true", help="replace finished runs and burn-ins of another configuration")
     p.add_argument("--published", default=None, metavar="DIR", help="the published runs to check this machine's "
                    "against (their fingerprint.json; default docs/results/<preset>)")

@@ -1,4 +1,5 @@
-"""Compare the results of two sets of online runs, timing fields aside: steps.jsonl, md.jsonl, summary.json.
+"""Compare the results of two sets of runs, timing fields aside: every .jsonl file (steps, md, detector scores,
+federated rounds) and summary.json.
 
   python scripts/compare_runs.py BEFORE/runs AFTER/runs [--rename OLD=NEW ...]
 
@@ -39,7 +40,8 @@ def load(path: str):
 def compare_run(a: str, b: str) -> list[str]:
     """The files that differ (timing fields aside) between two run folders."""
     problems = []
-    for name in ("steps.jsonl", "md.jsonl", "summary.json"):
+    names = {n for d in (a, b) if os.path.isdir(d) for n in os.listdir(d) if n.endswith(".jsonl")}
+    for name in sorted(names) + ["summary.json"]:
         x, y = load(os.path.join(a, name)), load(os.path.join(b, name))
         if x is None and y is None:
             continue

@@ -7,7 +7,7 @@
 #   MEMORIZED       memorized checkpoint for MD / DSC (default <CKPT>/epoch20.pth)
 #   PY              python interpreter (default: the repository's .venv)   EXTRA  more flags
 # CKPT, MEMORIZED and OUT may be relative to the directory you call the script from.
-# The flags below are the authors' run_*.sh command; tests/test_config.py checks that they give the
+# The flags below are the authors' run_*.sh command; tests/test_structure.py checks that they give the
 # configuration utils/online/config.py's authors_config() describes.
 set -euo pipefail
 med=$1; shift

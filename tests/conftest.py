@@ -6,7 +6,8 @@
 - a small real-format copy of them (600 training, 200 test images) for runs that read a --dataroot
   (``small_data``);
 - a tiny burn-in run on it (``tiny_run``: width-4 CNN, epochs 1 and 2 saved), and a pair of trained models
-  with real batches for the attack and defence unit tests (``trained_pair``), each built once per session.
+  with real batches for the attack and defence unit tests (``trained_pair``), each built once per session;
+- a real small file system that fills up on demand (``small_disk``: a tmpfs, mounted per test).
 
 Slow tests (subprocesses, end-to-end drivers) are marked ``slow``: ``pytest -m "not slow"`` skips them.
 """
@@ -14,6 +15,10 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
+import subprocess
+import threading
+import time
 from dataclasses import dataclass
 
 import pytest
@@ -118,3 +123,64 @@ def trained_pair(fashion_mnist) -> TrainedPair:
     held = Split(train.x[2000:2400], train.y[2000:2400])
     batches = [held.batch(torch.arange(i, i + 100)) for i in range(0, 400, 100)]
     return TrainedPair(model.eval(), memorized, batches)
+
+
+class SmallDisk:
+    """A real tmpfs file system of a few MiB: ``fill`` writes ballast until only ``leave`` bytes are free (the next
+    writes meet a real ENOSPC from the kernel), ``free`` removes the ballast."""
+
+    def __init__(self, path: str):
+        self.path, self.ballast = path, os.path.join(path, "ballast")
+        os.makedirs(self.ballast, exist_ok=True)
+
+    def free_bytes(self) -> int:
+        st = os.statvfs(self.path)
+        return st.f_bavail * st.f_frsize
+
+    def fill(self, leave: int = 0) -> None:
+        """Leave ``leave`` bytes (rounded down to pages) free."""
+        n = len(os.listdir(self.ballast))
+        with open(os.path.join(self.ballast, f"b{n}"), "wb") as f:
+            need = self.free_bytes() - leave
+            try:
+                while need > 0:
+                    need -= f.write(bytes(min(need, 1 << 20)))
+                    f.flush()
+            except OSError:
+                pass
+
+    def fill_when(self, predicate, leave: int = 0, timeout: float = 300):
+        """Fill the disk as soon as ``predicate()`` holds (polled every 5 ms in a thread); returns the thread."""
+        def watch() -> None:
+            deadline = time.time() + timeout
+            while time.time() < deadline:
+                if predicate():
+                    self.fill(leave)
+                    return
+                time.sleep(0.005)
+
+        thread = threading.Thread(target=watch, daemon=True)
+        thread.start()
+        return thread
+
+    def free(self) -> None:
+        shutil.rmtree(self.ballast)
+        os.makedirs(self.ballast)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 32 MiB tmpfs mounted for one test (root only: the tests and CI run as root); skipped where mounting is not
+    allowed, with the reason."""
+    if os.geteuid() != 0:
+        pytest.skip("a real full disk needs a tmpfs mount, which needs root (the tests and CI run as root)")
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip() or done.returncode}): the real full-disk tests "
+                    f"need one")
+    try:
+        yield SmallDisk(str(mnt))
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)

@@ -591,7 +591,8 @@ def test_full_disk_during_a_run_is_one_line(capsys):
         raise OSError(errno.ENOSPC, "No space left on device", "/results/steps.jsonl")
 
     code, err = _cli(main, capsys)
-    assert code == 1 and err.strip().splitlines() == [err.strip()] and "the disk is full" in err
+    assert code == 1 and err.strip().splitlines() == [err.strip()]
+    assert err.startswith("error: could not write '/results/steps.jsonl': No space left on device; free some space")
 
 
 def test_gpu_out_of_memory_is_one_line(capsys):

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import importlib
 import os
+import re
 import subprocess
 
 import pytest
@@ -183,3 +185,32 @@ def test_the_flag_page_is_generated_from_the_parsers(repo_root):
     done = subprocess.run([sys.executable, os.path.join(repo_root, "scripts", "flag_tables.py"), "--check"],
                           capture_output=True, text=True, timeout=120, cwd=repo_root)
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("script", ["run_st.sh", "run_at.sh", "run_dsc.sh"])
+def test_the_run_scripts_cpu_hint_names_the_cpu_presets_checkpoints(repo_root, script):
+    """The CPU-scale lines of each run_*.sh point at checkpoints the cpu preset writes (folder, online and memorized
+    epochs, both saved), so a user who copies it finds them."""
+    from utils.sweep.presets import cpu_preset
+
+    text = open(os.path.join(repo_root, script)).read()
+    hint = dict(re.findall(r"\b(CKPT|MODEL|MEMORIZED|DATASET|ARCH)=(\S+)", text.split("CPU scale", 1)[1]))
+    preset = cpu_preset()
+    burn_in = preset.burn_in_for(preset.burn_in_seeds[0])
+    assert hint["CKPT"] == burn_in.outf and hint["MODEL"] == f"epoch{preset.online_epoch}.pth", hint
+    assert hint.get("MEMORIZED", f"{burn_in.outf}/epoch{preset.memorized_epoch}.pth") == \
+        f"{burn_in.outf}/epoch{preset.memorized_epoch}.pth"
+    assert hint.get("DATASET", burn_in.dataset) == burn_in.dataset and hint.get("ARCH", burn_in.arch) == burn_in.arch
+    assert preset.online_epoch % burn_in.save_freq == 0 and preset.memorized_epoch % burn_in.save_freq == 0
+
+
+@pytest.mark.parametrize("module", [online_accu_train, train_cifar, "feder_accu_train", "reproduce"])
+def test_help_names_each_value_as_a_user_reads_it(module):
+    """--help shows DIR, FILE, N or the field's own name for a value, never the namespace path (RUN.RESUME)."""
+    module = importlib.import_module(module) if isinstance(module, str) else module
+    text = module.build_parser().format_help()
+    assert re.findall(r"[A-Z_]+\.[A-Z_]+", text) == [], text
+    for flag, meta in (("--dataroot", "DIR"), ("--resume", "DIR"), ("--out", "DIR"), ("--outf", "DIR"),
+                       ("--model_name", "FILE"), ("--memorized_model", "FILE")):
+        if re.search(rf"{flag} [A-Z\[]", text):
+            assert re.search(rf"{flag} \[?{meta}\]?\b", text), (flag, text)

@@ -34,11 +34,17 @@ def _raise_terminated(_signum: int, _frame: object) -> None:
     raise Terminated()
 
 
+def disk_full_message(path: str | None, why: str | None) -> str:
+    """The one wording of a full disk (or quota), in every script and writer."""
+    what = f"could not write {path!r}" if path else "could not write a file"
+    return (f"{what}: {why or 'No space left on device'}; free some space (or choose another --out/--outf) and run "
+            f"the same command again (what was finished is kept, nothing half-written)")
+
+
 def _fault_message(e: BaseException) -> str | None:
     """One line for a machine fault (full disk, GPU out of memory); None for anything else."""
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return (f"the disk is full ({e.strerror}{f': {e.filename}' if e.filename else ''}); free some space and "
-                f"run the command again (finished results were kept, nothing half-written)")
+        return disk_full_message(os.fsdecode(e.filename) if e.filename else None, e.strerror)
     if type(e).__name__ == "OutOfMemoryError" or "CUDA out of memory" in str(e):
         first = str(e).splitlines()[0] if str(e) else ""
         return (f"the GPU ran out of memory ({first[:160]}); use a smaller --batch_size / --eval_batch_size or "

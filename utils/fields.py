@@ -121,6 +121,14 @@ def help_text(o: Opt) -> str:
     return f"{o.help} {'(' if o.low_open else '['}{low}, {high}]"
 
 
+def metavar_of(f: dataclasses.Field, o: Opt, kind: type) -> str | None:
+    """What --help shows for a flag's value: the field's own (DIR, FILE, ...), N for a count, the choices, else the
+    field's name (never the namespace path such as RUN.RESUME)."""
+    if o.metavar is not None or (o.parse_choices and o.choices):
+        return o.metavar
+    return "N" if kind is int else f.name.upper()
+
+
 def add_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type, part: str = "") -> None:
     """One flag per field of ``cls`` that has an ``Opt``; its value lands in ``<part>.<field>`` of the namespace."""
     types = field_types(cls)
@@ -130,7 +138,7 @@ def add_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: ty
         if kind is bool:
             kw.update(action="store_false" if o.negate else "store_true")
         else:
-            kw.update(type=kind, default=list(f.default) if many else f.default, metavar=o.metavar)
+            kw.update(type=kind, default=list(f.default) if many else f.default, metavar=metavar_of(f, o, kind))
             if many or o.nargs:
                 kw.update(nargs="*" if many else o.nargs)
             if o.nargs == "?":

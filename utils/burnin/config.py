@@ -31,7 +31,7 @@ class BurnInConfig:
     width: int = opt(0, "base width (0: the arch's default, resnet18 64, cnn 16)", low=0, high=4096)
     group_norm: int = opt(0, "0 (default): BatchNorm, as the authors' burn-in trains; N>0: GroupNorm with N groups",
                           low=0, high=4096)
-    dataroot: str = opt("data", "dataset folder (torchvision layout)")
+    dataroot: str = opt("data", "dataset folder (torchvision layout)", metavar="DIR")
     download: bool = opt(True, "never download; fail if files are missing", flag="--no_download", negate=True)
     batch_size: int = opt(256, "training batch size", low=1)
     test_batch_size: int = opt(256, "evaluation batch size (speed only)", low=1)
@@ -40,7 +40,7 @@ class BurnInConfig:
     lr: float = opt(0.1, "initial LR; x0.1 every 50 epochs (the authors' schedule)", low=0, low_open=True)
     momentum: float = opt(0.9, "SGD momentum", low=0, high=1)
     weight_decay: float = opt(1e-4, "SGD weight decay", low=0, high=1)
-    outf: str = opt("checkpoints_base_bn", "checkpoint and log folder")
+    outf: str = opt("checkpoints_base_bn", "checkpoint and log folder", metavar="DIR")
     resume: str | None = opt(None, "continue an interrupted run from the last checkpoint in DIR (default: --outf)",
                              nargs="?", const="", metavar="DIR")  # None: a new run; "": the run in outf
     overwrite: bool = opt(False, "replace a burn-in already in --outf")

@@ -21,7 +21,7 @@ from utils.core.distributed import Dist, agree, broadcast, setup, teardown, unwr
 from utils.errors import UserError
 from utils.burnin.config import SAME_ON_RESUME, BurnInConfig, checkpoint_args
 from utils.core.models import build_model, use_memory_format
-from utils.io.results import FolderLock, append_jsonl, ensure_dir, read_jsonl, write_json, write_jsonl
+from utils.io.results import FolderLock, append_jsonl, append_line, ensure_dir, read_jsonl, write_json, write_jsonl
 from utils.core.train import (environment, evaluate, get_device, set_deterministic, set_seed, set_threads, train_epoch,
                               use_cpu_kernels)
 
@@ -66,8 +66,7 @@ def log(outf: str, line: str, dist: Dist | None = None) -> None:
     if dist is not None and not dist.main:
         return
     print(line, flush=True)
-    with open(os.path.join(outf, "log.txt"), "a") as f:
-        f.write(line + "\n")
+    append_line(os.path.join(outf, "log.txt"), line)
 
 
 @dataclass

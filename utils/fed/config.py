@@ -24,19 +24,21 @@ RESERVED = ("config.json", "rounds.jsonl", "summary.json")
 class FedRunConfig:
     """Files, machine and seed: where the burn-in checkpoint, the data and the results are."""
 
-    resume: str = opt("checkpoints_base_bn", "burn-in checkpoint folder (the starting global model)")
-    model_name: str = opt("epoch40.pth", "the starting global model's checkpoint in --resume")
-    dataroot: str = opt("data", "dataset folder (torchvision layout)")
+    resume: str = opt("checkpoints_base_bn", "burn-in checkpoint folder (the starting global model)",
+                      metavar="DIR")
+    model_name: str = opt("epoch40.pth", "the starting global model's checkpoint in --resume", metavar="FILE")
+    dataroot: str = opt("data", "dataset folder (torchvision layout)", metavar="DIR")
     download: bool = opt(True, "never download datasets", flag="--no_download", negate=True)
     device: str | None = opt(None, "cpu, cuda or cuda:N (default: cuda if available)")
-    out: str | None = opt(None, "results folder (default: runs/fed_<dataset>_<arch>_<aggregator>_s<seed>_<time>)")
+    out: str | None = opt(None, "results folder (default: runs/fed_<dataset>_<arch>_<aggregator>_s<seed>_<time>)",
+                           metavar="DIR")
     overwrite: bool = opt(False, "replace results already in --out")
     seed: int = opt(20, "the run's seed (split, trigger, validation and root batches, local batches)", low=0,
                     high=SEED_MAX)
     threads: int = opt(0, "torch's CPU threads (0: torch's default); results on the CPU depend on it", low=0,
                        high=4096)
     kernels: str = opt("native", KERNELS_HELP, flag="--cpu_kernels", choices=KERNELS)
-    log_name: str = opt("log.txt", "name of the text log inside --out")
+    log_name: str = opt("log.txt", "name of the text log inside --out", metavar="FILE")
 
     def __post_init__(self) -> None:
         check_fields(self)

@@ -10,10 +10,11 @@ import glob
 import json
 import math
 import os
+import shutil
 import tempfile
 from typing import Any, Callable
 
-from utils.errors import UserError
+from utils.errors import UserError, disk_full_message
 
 TEMP_PREFIX = ".tmp-"
 LOCK_NAME = ".lock"
@@ -29,10 +30,9 @@ def _plain(v: Any) -> Any:
     return v
 
 
-def _disk_error(path: str, e: OSError) -> UserError:
+def _disk_error(path: str, e: BaseException) -> UserError:
     """A full disk or quota: one clear message (nothing half-written was kept)."""
-    return UserError(f"could not write {path!r}: {e.strerror}; free some space (or choose another --out/--outf) "
-                     f"and run the command again")
+    return UserError(disk_full_message(path, e.strerror if isinstance(e, OSError) else None))
 
 
 def check_run_files(log_name: str, reserved: tuple[str, ...], required: dict[str, str]) -> None:
@@ -47,7 +47,8 @@ def check_run_files(log_name: str, reserved: tuple[str, ...], required: dict[str
 
 def atomic_write(path: str, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)``, flush it to disk, then rename onto ``path``: readers never see a half-written
-    file, even after Ctrl-C, a crash or a full disk (the temporary file is removed)."""
+    file, even after Ctrl-C, a crash or a full disk (the temporary file is removed). A full disk is one clear
+    error naming ``path``, also when the library writing the file reports it as something else (torch.save)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=os.path.basename(path), dir=folder)
@@ -60,14 +61,58 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
-    except OSError as e:
+    except Exception as e:
+        full = _is_disk_full(e) or (not isinstance(e, OSError) and _no_space_left(folder))
         _remove_quietly(tmp)
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        if full:
             raise _disk_error(path, e) from e
         raise
     except BaseException:
         _remove_quietly(tmp)
         raise
+
+
+def copy_folder(source: str, dest: str, edit: Callable[[str], None] | None = None) -> None:
+    """Copy a folder whole or not at all: into a temporary sibling, ``edit(tmp)`` it, then rename it onto ``dest``
+    (a full disk: one clear error, no partial copy left)."""
+    parent = os.path.dirname(os.path.abspath(dest))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=TEMP_PREFIX, suffix=os.path.basename(dest), dir=parent)
+    try:
+        shutil.copytree(source, tmp, dirs_exist_ok=True)
+        if edit is not None:
+            edit(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp creates 0700
+        shutil.rmtree(dest, ignore_errors=True)
+        os.replace(tmp, dest)
+    except Exception as e:
+        full = _is_disk_full(e) or _no_space_left(parent)  # shutil.Error gathers the copy's errors as text
+        shutil.rmtree(tmp, ignore_errors=True)
+        if full:
+            raise _disk_error(dest, e) from e
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _is_disk_full(e: BaseException) -> bool:
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def _no_space_left(folder: str, probe_bytes: int = 4096) -> bool:
+    """Whether ``folder``'s file system refuses another ``probe_bytes`` (asked after a library failed to write,
+    before its partial file is removed: torch.save reports a full disk as 'unexpected pos ...')."""
+    try:
+        with tempfile.TemporaryFile(prefix=TEMP_PREFIX, dir=folder) as f:
+            f.write(bytes(probe_bytes))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        return _is_disk_full(e)
+    return False
 
 
 def _remove_quietly(path: str) -> None:
@@ -78,10 +123,14 @@ def _remove_quietly(path: str) -> None:
 
 
 def remove_stale_temps(folder: str) -> list[str]:
-    """Delete the ``.tmp-*`` files an interrupted (killed) writer left in ``folder``; call it under the lock."""
+    """Delete the ``.tmp-*`` files (and folders) an interrupted (killed) writer left in ``folder``; call it under the
+    lock."""
     stale = glob.glob(os.path.join(glob.escape(folder), TEMP_PREFIX + "*"))
     for path in stale:
-        _remove_quietly(path)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)  # a folder copy (copy_folder) that was killed
+        else:
+            _remove_quietly(path)
     return stale
 
 
@@ -104,21 +153,39 @@ def write_jsonl(path: str, objs: list[Any]) -> None:
     write_text(path, "".join(json.dumps(_plain(obj)) + "\n" for obj in objs))
 
 
-def append_jsonl(path: str, obj: Any) -> None:
-    """Append one JSON line and flush it to disk; a line that cannot be written whole is cut off again, so
-    the file only ever holds whole lines (a full disk, Ctrl-C)."""
-    data = (json.dumps(_plain(obj)) + "\n").encode()
-    with open(path, "ab") as f:
-        start = f.tell()
+def append_bytes(path: str, data: bytes) -> None:
+    """Append ``data`` through one unbuffered descriptor and flush it to disk; what cannot be written whole (a full
+    disk, Ctrl-C, any error) is cut off again, so the file ends where it ended before."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    except OSError as e:
+        if _is_disk_full(e):
+            raise _disk_error(path, e) from e
+        raise
+    try:
+        start = os.lseek(fd, 0, os.SEEK_END)
         try:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
         except BaseException as e:
-            f.truncate(start)
-            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            os.ftruncate(fd, start)
+            if _is_disk_full(e):
                 raise _disk_error(path, e) from e
             raise
+    finally:
+        os.close(fd)
+
+
+def append_jsonl(path: str, obj: Any) -> None:
+    """Append one JSON line and flush it to disk; the file only ever holds whole lines (a full disk, Ctrl-C)."""
+    append_bytes(path, (json.dumps(_plain(obj)) + "\n").encode())
+
+
+def append_line(path: str, text: str) -> None:
+    """Append one line of text to a log file, whole or not at all."""
+    append_bytes(path, (text + "\n").encode())
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -177,9 +244,15 @@ class FolderLock:
             if not same:  # the holder removed the file between our open and our lock: take the new one
                 os.close(fd)
                 continue
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
             self.fd = fd
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            except OSError as e:
+                self.__exit__()
+                if _is_disk_full(e):
+                    raise _disk_error(path, e) from e
+                raise
         remove_stale_temps(self.folder)
         return self
 
@@ -216,8 +289,7 @@ def run_in_folder(out: str, files: tuple[str, ...], overwrite: bool, config: dic
             raise type(e)(f"the finished {os.path.splitext(progress)[0]} are kept in {os.path.join(out, progress)!r}, "
                           f"no summary.json was written; the same command runs it again") from None
         text = line(summary)
-        with open(os.path.join(out, log_name), "a") as f:
-            f.write(text + "\n")
+        append_line(os.path.join(out, log_name), text)
         write_json(os.path.join(out, "summary.json"), summary)
     print(text)
     return summary

@@ -30,16 +30,17 @@ RESERVED = ("config.json", "steps.jsonl", "md.jsonl", "detectors.jsonl", "summar
 class RunConfig:
     """Files, machine and seed (SPEC "Phase 2"): where the checkpoints, data and results are."""
 
-    resume: str = opt("checkpoints_base_bn", "burn-in checkpoint folder")
-    model_name: str = opt("epoch40.pth", "online model's checkpoint in --resume")
+    resume: str = opt("checkpoints_base_bn", "burn-in checkpoint folder", metavar="DIR")
+    model_name: str = opt("epoch40.pth", "online model's checkpoint in --resume", metavar="FILE")
     memorized_model: str | None = opt(None, "memorized (earlier) checkpoint; default: <--resume>/epoch20.pth. "
-                                      "Needed by DSC; for ST/AT it only adds the MD measurements")
+                                      "Needed by DSC; for ST/AT it only adds the MD measurements", metavar="FILE")
     allow_other_run: bool = opt(False, "accept a memorized model written by another burn-in run than the online "
                                 "model (refused by default)")
-    dataroot: str = opt("data", "dataset folder (torchvision layout)")
+    dataroot: str = opt("data", "dataset folder (torchvision layout)", metavar="DIR")
     download: bool = opt(True, "never download datasets", flag="--no_download", negate=True)
     device: str | None = opt(None, "cpu, cuda or cuda:N (default: cuda if available)")
-    out: str | None = opt(None, "results folder (default: runs/<dataset>_<arch>_<med>_s<seed>_<time>)")
+    out: str | None = opt(None, "results folder (default: runs/<dataset>_<arch>_<med>_s<seed>_<time>)",
+                           metavar="DIR")
     overwrite: bool = opt(False, "replace results already in --out")
     seed: int = opt(20, "the run's seed (validation batch, stream, trigger, poisoned positions)", low=0,
                     high=SEED_MAX)
@@ -48,7 +49,7 @@ class RunConfig:
                        low=0, high=4096)
     kernels: str = opt("native", KERNELS_HELP, flag="--cpu_kernels", choices=KERNELS)
     memory_format: str = opt("channels_last", MEMORY_FORMAT_HELP, choices=tuple(MEMORY_FORMATS))
-    log_name: str = opt("log.txt", "name of the text log inside --out")
+    log_name: str = opt("log.txt", "name of the text log inside --out", metavar="FILE")
     dataset: str | None = opt(None, "assert the dataset (default: the checkpoint's)", choices=tuple(DATASETS))
     arch: str | None = opt(None, "assert the arch (default: the checkpoint's)", choices=ARCHS)
     norm: str | None = None  # --use_bn / --group_norm: assert the checkpoint's norm (utils.online.flags)

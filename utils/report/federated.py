@@ -164,9 +164,7 @@ def write_federated_figure(preset: FedPreset, out: str, groups: Groups) -> None:
            "set)", ylabel="test accuracy (%)", title="Federated accumulative "
            "attack: test accuracy over the rounds, per aggregator")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "accuracy.png"), dpi=120)
-    plt.close(fig)
+    plots.save_figure(plt, fig, os.path.join(out, "accuracy.png"))
 
 
 def title(preset: FedPreset, what: str) -> str:

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from utils.io.results import read_jsonl
+from utils.io.results import atomic_write, read_jsonl
 
 LABELS = {"clean": "clean samples", "noise": "random ±ε noise", "poison": "poisoned samples"}
 
@@ -25,10 +25,13 @@ def pyplot() -> Any | None:
     return plt
 
 
-def _save(plt: Any, fig: Any, path: str) -> str:
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+def save_figure(plt: Any, fig: Any, path: str) -> str:
+    """Write a figure as PNG through the one atomic writer (a full disk leaves no half-drawn file), and close it."""
+    try:
+        fig.tight_layout()
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -50,7 +53,7 @@ def plot_accuracy(plt: Any, runs: dict[str, str], summaries: dict[str, dict], pa
     ax.set(xlabel="arriving batch (dashed: the trigger step)", ylabel="test accuracy (%)",
            title="Test accuracy over the stream under accumulative poisoning")
     ax.legend(fontsize=7)
-    return _save(plt, fig, path)
+    return save_figure(plt, fig, path)
 
 
 def plot_md_over_stream(plt: Any, runs: dict[str, str], path: str) -> str:
@@ -65,7 +68,7 @@ def plot_md_over_stream(plt: Any, runs: dict[str, str], path: str) -> str:
     ax.set(xlabel="arriving batch", ylabel="mean MD = KL(p_mem || p_cur)",
            title="Memorization Discrepancy of arriving batches")
     ax.legend(fontsize=7)
-    return _save(plt, fig, path)
+    return save_figure(plt, fig, path)
 
 
 def plot_md_histogram(plt: Any, label: str, run: str, path: str) -> str:
@@ -78,7 +81,7 @@ def plot_md_histogram(plt: Any, label: str, run: str, path: str) -> str:
         ax.hist(v, bins=bins, histtype="step", linewidth=1.8, label=LABELS[k])
     ax.set(xlabel="per-sample MD", ylabel="samples", title=f"MD of poisoned vs clean samples over the stream ({label})")
     ax.legend()
-    return _save(plt, fig, path)
+    return save_figure(plt, fig, path)
 
 
 def roc_curve(positive: np.ndarray, negative: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -112,7 +115,7 @@ def plot_roc(plt: Any, runs: list[str], path: str) -> str | None:
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
-    return _save(plt, fig, path)
+    return save_figure(plt, fig, path)
 
 
 def plot_md_curve(plt: Any, rows: list[dict], path: str) -> str | None:
@@ -126,7 +129,7 @@ def plot_md_curve(plt: Any, rows: list[dict], path: str) -> str | None:
     ax.axhline(0.5, color="grey", linestyle=":")
     ax.set(xlabel="epoch of the memorized model", ylabel="MD AUROC", title="MD's separation by the memorized epoch")
     ax.legend()
-    return _save(plt, fig, path)
+    return save_figure(plt, fig, path)
 
 
 def plot_ablation(plt: Any, rows: list[dict], claims: tuple[str, ...], stealth_points: float, path: str) -> str:
@@ -154,4 +157,4 @@ def plot_ablation(plt: Any, rows: list[dict], claims: tuple[str, ...], stealth_p
     for a in (ax, bx):
         a.set_xticks(x, [r["step"] for r in rows], rotation=30, ha="right", fontsize=7)
     ax.legend(fontsize=7)
-    return _save(plt, fig, path)
+    return save_figure(plt, fig, path)

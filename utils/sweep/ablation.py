@@ -23,12 +23,11 @@ import copy
 import dataclasses
 import os
 import re
-import shutil
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 from utils.errors import UserError
-from utils.io.results import FolderLock, ensure_dir, read_json, write_json
+from utils.io.results import FolderLock, copy_folder, ensure_dir, read_json, write_json
 from utils.sweep.on_ray import RayOptions
 from utils.sweep.overrides import check_value, parse_set, with_overrides
 from utils.sweep.presets import PRESETS, Preset, Replicate, Row, smoke
@@ -202,17 +201,12 @@ def reuse_across_steps(presets: list[tuple[Preset, str]], elsewhere: tuple[str, 
 
 
 def copy_run(source: str, run: str, saved: dict, wanted: dict) -> None:
-    """A finished run copied to another folder (through a temporary one, renamed at the end), its configuration's
-    results folder set to the new one."""
-    tmp = run.rstrip("/") + ".copying"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(source, tmp)
+    """A finished run copied to another folder (whole or not at all), its configuration's results folder set to the
+    new one."""
     saved = copy.deepcopy(saved)
     saved["config"]["run"]["out"] = wanted["run"]["out"]
     saved["out"], saved["copied_from"] = wanted["run"]["out"], source
-    write_json(os.path.join(tmp, "config.json"), saved)
-    shutil.rmtree(run, ignore_errors=True)
-    os.replace(tmp, run)
+    copy_folder(source, run, lambda tmp: write_json(os.path.join(tmp, "config.json"), saved))
 
 
 def run_ablation(ab: Ablation, out: str, overrides: dict[str, Any], smoke_it: bool, fresh: bool,

@@ -16,7 +16,7 @@ from utils.fed.aggregators import AGGREGATORS
 from utils.fed.config import ClientsConfig, FedAttackConfig, FedConfig, FedRunConfig, ServerConfig, replace
 from utils.fed.run import run_federated
 from utils.io.results import FolderLock, ensure_dir, write_json
-from utils.sweep.presets import CPU_THREADS, Preset, Replicate, cpu_preset
+from utils.sweep.presets import CPU_THREADS, Preset, Replicate, cpu_preset, smoke
 from utils.sweep.reuse import ensure_burn_in, finished_summary, refuse_other_burn_in
 
 ALONE, HONEST = " (trigger alone)", " (honest rounds + trigger)"  # the controls' label suffixes
@@ -112,10 +112,12 @@ def federated_preset() -> FedPreset:
 
 
 def federated_smoke(preset: FedPreset) -> FedPreset:
-    """Every stage of the preset with tiny sizes: one burn-in, two rounds of 5 clients, small batches."""
+    """Every stage of the preset with tiny sizes: one burn-in (the source preset's smoke burn-in: two epochs on 256
+    samples), two rounds of 5 clients, small batches."""
     base = replace(preset.base, clients={"clients": 5, "batch_size": 20, "local_steps": 1},
                    attack={"val_size": 64, "boost": 5.0}, server={"rounds": 2, "eval_subset": 200, "root_size": 20})
-    return dataclasses.replace(preset, name=f"{preset.name}_smoke", base=base, burn_in_seeds=preset.burn_in_seeds[:1])
+    return dataclasses.replace(preset, name=f"{preset.name}_smoke", base=base, source=smoke(preset.source),
+                               burn_in_seeds=preset.burn_in_seeds[:1])
 
 
 def ensure_burn_ins(preset: FedPreset, fresh: bool) -> None:

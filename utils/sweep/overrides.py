@@ -11,7 +11,7 @@ from typing import Any
 
 from utils.burnin.config import BurnInConfig
 from utils.errors import UserError
-from utils.fields import check_choice, check_number, field_types
+from utils.fields import check_choice, check_number, field_types, metavar_of
 from utils.online.config import PARTS, replace
 from utils.sweep.presets import Preset, checkpoint_folder
 
@@ -83,9 +83,10 @@ def add_override_flags(p: argparse.ArgumentParser) -> None:
     for flag, paths in OVERRIDES.items():
         cls, f = target_field(paths[0])
         kind, _, many = field_types(cls)[f.name]
-        help_ = f.metadata["opt"].help if "opt" in f.metadata else None
+        opt_ = f.metadata.get("opt")
         o.add_argument(f"--{flag}", default=None, type=kind, nargs="+" if many else None,
-                       help=f"{help_ or ''} (sets {', '.join(paths)})".strip())
+                       metavar=metavar_of(f, opt_, kind) if opt_ else flag.upper(),
+                       help=f"{opt_.help if opt_ else ''} (sets {', '.join(paths)})".strip())
     o.add_argument("--stream", default=None, choices=list(STREAMS),
                    help="distinct batches (SPEC default) or the authors' reuse of the first batch")
     o.add_argument("--set", action="append", default=[], metavar="PATH=VALUE",

@@ -12,7 +12,7 @@ from utils.burnin.config import SAME_ON_RESUME, BurnInConfig, checkpoint_args
 from utils.burnin.run import run_burn_in
 from utils.core.checkpoint import load_checkpoint
 from utils.errors import UserError
-from utils.io.results import read_json
+from utils.io.results import FolderLock, read_json
 from utils.online.config import OnlineConfig, replace
 from utils.online.run import run_online
 
@@ -102,6 +102,8 @@ def ensure_burn_in(cfg: BurnInConfig, epochs: Sequence[int], fresh: bool = False
     last = os.path.join(cfg.outf, "last.pth")
     ours = refuse_other_burn_in(cfg, fresh)
     if ours and all(os.path.isfile(p) for p in need):
+        with FolderLock(cfg.outf, "--ckpt"):  # refused while another process writes it; a killed writer's
+            pass  # temporary files and lock file are removed
         print(f"burn-in: reusing {', '.join(need)}")
         return
     if ours and os.path.isfile(last) and load_checkpoint(last)["epoch"] < max(epochs):
