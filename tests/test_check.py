@@ -33,6 +33,18 @@ def test_identical_fingerprints_are_identical_and_places_do_not_count():
     assert c.claims[0]["inside"] and c.claims[0]["agree"]
 
 
+def test_a_setting_the_published_preset_predates_counts_at_its_old_value():
+    """burn_in.normalize did not exist when a fingerprint was published: it counts as True (the behaviour then), so
+    the same runs are identical with True here and a configuration difference with False."""
+    published, mine = fingerprint(), fingerprint()
+    mine["preset"]["burn_in"] = {"normalize": True, "memory_format": "contiguous"}
+    assert compare(mine, published).identical
+    mine["preset"]["burn_in"]["normalize"] = False
+    assert compare(mine, published).config_diff == ["burn_in.normalize: True published, False here"]
+    mine["preset"]["burn_in"] = {"memory_format": "channels_last"}  # published before it: contiguous then
+    assert compare(mine, published).config_diff == ["burn_in.memory_format: 'contiguous' published, 'channels_last' here"]
+
+
 def test_the_first_difference_is_located_in_burn_in_runs_and_claims():
     mine = fingerprint()
     mine["burn_ins"]["0"][1] = {"epoch": 2, "test_err": 0.11, "sha256": "b2"}

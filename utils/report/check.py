@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from utils.burnin.config import LEGACY_ARGS
 from utils.core.checkpoint import load_checkpoint
 from utils.io.results import read_json, read_jsonl
 
@@ -138,9 +139,17 @@ def compare_claims(mine: list[dict], published: list[dict]) -> list[dict]:
     return out
 
 
+def with_legacy_settings(published: dict[str, Any], mine: dict[str, Any]) -> dict[str, Any]:
+    """A published preset written before a burn-in setting existed holds it at the value it then had (LEGACY_ARGS:
+    e.g. ``burn_in.normalize`` True), so a setting added later with that default is no difference."""
+    legacy = {f"burn_in.{k}": v for k, v in LEGACY_ARGS.items() if f"burn_in.{k}" in mine}
+    return {**legacy, **published}
+
+
 def compare(mine: dict, published: dict) -> Comparison:
     """This machine's fingerprint against the published one."""
-    a, b = plain(mine["preset"]), plain(published["preset"])
+    a = plain(mine["preset"])
+    b = with_legacy_settings(plain(published["preset"]), a)
     diff = [f"{k}: {b.get(k)!r} published, {a.get(k)!r} here" for k in sorted(a.keys() | b.keys())
             if a.get(k) != b.get(k)]
     burn_ins, n_burn_ins = compare_burn_ins(mine["burn_ins"], published["burn_ins"])

@@ -52,8 +52,8 @@ class FedPreset:
     name: str
     source: Preset
     base: FedConfig
-    burn_in_seeds: tuple[int, ...] = (0, 1, 2)
-    seeds: tuple[int, ...] = (20,)
+    burn_in_seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    seeds: tuple[int, ...] = (20, 21)
     aggregators: tuple[str, ...] = tuple(AGGREGATORS)
     unboosted: tuple[str, ...] = ("fedavg", "md_screen")
     adaptive: float = 10.0
@@ -95,7 +95,8 @@ class FedPreset:
 
 
 def federated_preset() -> FedPreset:
-    """Real Fashion-MNIST, the small CNN of the cpu preset's burn-ins (epoch 5) 0, 1, 2 x seed 20; 10 IID clients, 2
+    """Real Fashion-MNIST, the small CNN of the cpu preset's burn-ins (epoch 5) 0-4 x seeds 20, 21 (the online
+    presets' 10 paired replicates; intervals over the 5 burn-ins' means); 10 IID clients, 2
     local SGD steps of 50 samples each (an online batch's worth per round; lr 0.1, momentum 0.9, the authors' online
     settings), one malicious client that boosts its updates by N = 10 (under FedAvg they count as if it were alone),
     λ 0.01 (the authors'), a validation batch of 500, at most 8 accumulative rounds, stop at the starting error +
@@ -112,12 +113,12 @@ def federated_preset() -> FedPreset:
 
 
 def federated_smoke(preset: FedPreset) -> FedPreset:
-    """Every stage of the preset with tiny sizes: one burn-in (the source preset's smoke burn-in: two epochs on 256
-    samples), two rounds of 5 clients, small batches."""
+    """Every stage of the preset with tiny sizes: one replicate (the source preset's smoke burn-in: two epochs on 256
+    samples; one seed), two rounds of 5 clients, small batches."""
     base = replace(preset.base, clients={"clients": 5, "batch_size": 20, "local_steps": 1},
                    attack={"val_size": 64, "boost": 5.0}, server={"rounds": 2, "eval_subset": 200, "root_size": 20})
     return dataclasses.replace(preset, name=f"{preset.name}_smoke", base=base, source=smoke(preset.source),
-                               burn_in_seeds=preset.burn_in_seeds[:1])
+                               burn_in_seeds=preset.burn_in_seeds[:1], seeds=preset.seeds[:1])
 
 
 def ensure_burn_ins(preset: FedPreset, fresh: bool) -> None:
