@@ -4,6 +4,7 @@ Nothing here imports torch: drivers and reports read and write results without l
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import glob
@@ -12,7 +13,7 @@ import math
 import os
 import shutil
 import tempfile
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from utils.errors import UserError, disk_full_message
 
@@ -45,6 +46,31 @@ def check_run_files(log_name: str, reserved: tuple[str, ...], required: dict[str
             raise UserError(f"{flag} must not be empty")
 
 
+@contextlib.contextmanager
+def _whole_or_removed(dest: str, tmp: str, remove: Callable[[str], None], folder: str) -> Iterator[None]:
+    """Around writing ``tmp`` and renaming it onto ``dest``: on any failure ``tmp`` is removed; a full disk is one
+    clear error naming ``dest``, also when the library reports it without an errno (torch.save's 'unexpected pos
+    ...', shutil.Error's gathered text): the file system is then asked, before ``tmp`` goes, for one more block."""
+    try:
+        yield
+    except Exception as e:
+        full = _is_disk_full(e) or (getattr(e, "errno", None) is None and _no_space_left(folder))
+        remove(tmp)
+        if full:
+            raise _disk_error(dest, e) from e
+        raise
+    except BaseException:
+        remove(tmp)
+        raise
+
+
+def _usual_permissions(path: str, bits: int) -> None:
+    """mkstemp/mkdtemp create 0600/0700; give ``path`` what the umask gives a new file or folder."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, bits & ~umask)
+
+
 def atomic_write(path: str, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)``, flush it to disk, then rename onto ``path``: readers never see a half-written
     file, even after Ctrl-C, a crash or a full disk (the temporary file is removed). A full disk is one clear
@@ -53,23 +79,12 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=os.path.basename(path), dir=folder)
     os.close(fd)
-    try:
+    with _whole_or_removed(path, tmp, _remove_quietly, folder):
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
+        _usual_permissions(tmp, 0o666)
         os.replace(tmp, path)
-    except Exception as e:
-        full = _is_disk_full(e) or (not isinstance(e, OSError) and _no_space_left(folder))
-        _remove_quietly(tmp)
-        if full:
-            raise _disk_error(path, e) from e
-        raise
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
 
 
 def copy_folder(source: str, dest: str, edit: Callable[[str], None] | None = None) -> None:
@@ -78,24 +93,13 @@ def copy_folder(source: str, dest: str, edit: Callable[[str], None] | None = Non
     parent = os.path.dirname(os.path.abspath(dest))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=TEMP_PREFIX, suffix=os.path.basename(dest), dir=parent)
-    try:
+    with _whole_or_removed(dest, tmp, lambda t: shutil.rmtree(t, ignore_errors=True), parent):
         shutil.copytree(source, tmp, dirs_exist_ok=True)
         if edit is not None:
             edit(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp creates 0700
+        _usual_permissions(tmp, 0o777)
         shutil.rmtree(dest, ignore_errors=True)
         os.replace(tmp, dest)
-    except Exception as e:
-        full = _is_disk_full(e) or _no_space_left(parent)  # shutil.Error gathers the copy's errors as text
-        shutil.rmtree(tmp, ignore_errors=True)
-        if full:
-            raise _disk_error(dest, e) from e
-        raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _is_disk_full(e: BaseException) -> bool:
