@@ -240,6 +240,65 @@ def test_the_attacker_alone_is_the_authors_experiment(tiny_run, small_data, tmp_
     assert not torch.equal(server.theta, ctx.theta0)
 
 
+def test_the_stop_rule_is_read_only_every_stop_every_th_round(tiny_run, small_data, tmp_path):
+    """--stop_every N (the authors' code evaluates every 10th round): a threshold the first round already exceeds
+    stops the rounds at round N, not at round 1; every round is still evaluated and recorded."""
+    first = run_federated(small_config(tiny_run, small_data, str(tmp_path / "a"), server={"rounds": 5,
+                                                                                        "threshold": 0.0}))
+    third = run_federated(small_config(tiny_run, small_data, str(tmp_path / "b"), server={
+        "rounds": 5, "threshold": 0.0, "stop_every": 3}))
+    assert (first["rounds"], first["stop_reason"]) == (1, "threshold")
+    assert (third["rounds"], third["stop_reason"]) == (3, "threshold")
+    rounds = [json.loads(line) for line in open(tmp_path / "b" / "rounds.jsonl")]
+    assert [r["t"] for r in rounds] == [1, 2, 3, 4] and all(r["test_err"] > 0 for r in rounds)
+
+
+def test_the_authors_command_rows_carry_their_readme_values_and_dirichlet_rows_every_aggregator():
+    """The authors' federated command (λ 8e-2, trigger step 0.01, clipping at 10, train mode, lr 0.1, momentum 0.9,
+    error > 0.18 read every 10th round, up to 1000 rounds) as rows with their controls; every aggregator with
+    Dirichlet(α) clients for each α, with both controls."""
+    import feder_accu_train
+    from utils.sweep.federated import AUTHORS_COMMAND, federated_preset
+
+    fed = federated_preset()
+    rows = {r.label: fed.run_config(r, (0, 20), "results/federated") for r in fed.rows()}
+    alone, theirs = rows["the authors' command: attacker alone"], feder_accu_train.parse_config(AUTHORS_COMMAND.split())
+    for part, names in {"attack": ("feder_lambda", "poisoned_trigger_step", "clip_gradnorm", "clipvalue", "craft_mode"),
+                        "clients": ("lr", "momentum"), "server": ("rounds", "threshold")}.items():
+        for name in names:
+            assert getattr(getattr(alone, part), name) == getattr(getattr(theirs, part), name), (part, name)
+    assert (theirs.server.rounds, theirs.attack.feder_lambda, theirs.server.threshold) == (1000, 0.08, 0.18)
+    assert (alone.attack.attacker_only, alone.attack.boost, alone.server.stop_every, alone.server.eval_subset) == (
+        True, 1.0, 10, 0)
+    assert rows["the authors' command: attacker alone (trigger alone)"].server.rounds == 0
+    for agg in ("fedavg", "md_screen"):
+        among = rows[f"{agg}, the authors' attacker"]
+        assert not among.attack.attacker_only and among.attack.feder_lambda == 0.08 and among.server.aggregator == agg
+        assert not rows[f"{agg}, the authors' attacker (honest rounds + trigger)"].attack.poison
+    for alpha in (0.5, 0.1):
+        for agg in fed.aggregators:
+            for suffix in ("", " (trigger alone)", " (honest rounds + trigger)"):
+                cfg = rows[f"{agg}, dirichlet α={alpha:g}{suffix}"]
+                assert (cfg.clients.split, cfg.clients.alpha, cfg.server.aggregator) == ("dirichlet", alpha, agg)
+    assert len(rows) == len(fed.rows())  # labels are unique
+
+
+def test_a_run_written_before_a_field_existed_is_reused_at_that_fields_default(tiny_run, small_data, tmp_path):
+    """A finished run whose config.json lacks a field added since (here --stop_every) is the same configuration
+    when the field is at its default, and another configuration when it is not."""
+    from utils.io.results import read_json, write_json
+    from utils.sweep.reuse import finished_summary
+
+    cfg = small_config(tiny_run, small_data, str(tmp_path / "old"))
+    summary = run_federated(cfg)
+    saved = read_json(str(tmp_path / "old" / "config.json"))
+    del saved["config"]["server"]["stop_every"]
+    write_json(str(tmp_path / "old" / "config.json"), saved)
+    assert finished_summary(cfg, fresh=False) == summary
+    with pytest.raises(UserError, match="server.stop_every: 1 -> 2"):
+        finished_summary(replace(cfg, server={"stop_every": 2}), fresh=False)
+
+
 def test_every_federated_field_has_a_flag_and_no_flags_give_the_defaults():
     import feder_accu_train
     from utils.fed.config import PARTS
@@ -299,9 +358,11 @@ def test_the_federated_reproduction_writes_its_tables_and_figure(tiny_run, small
     groups = run_federated_preset(preset, out, fresh=False)
     assert set(groups) == {r.label for r in preset.rows()} and all(len(g) == 2 for g in groups.values())
     text = write_federated_reports(preset, out, groups)
-    for name in ("table", "claims", "scores", "costs", "runs"):
+    for name in ("table", "claims", "scores", "noniid", "costs", "runs"):
         assert os.path.isfile(os.path.join(out, f"{name}.md")) and os.path.isfile(os.path.join(out, f"{name}.csv"))
-    assert os.path.isfile(os.path.join(out, "accuracy.png"))
+    assert os.path.isfile(os.path.join(out, "accuracy.png")) and os.path.isfile(os.path.join(out, "noniid.png"))
+    noniid = open(os.path.join(out, "noniid.md")).read()
+    assert "dirichlet α=0.5" in noniid and "md_screen" in noniid
     assert "md_screen, unboosted adaptive attacker λ=1" in text and "attacker alone" in text
     stamps = {f: os.path.getmtime(f) for f in glob.glob(os.path.join(out, "runs", "*", "summary.json"))}
     assert run_federated_preset(preset, out, fresh=False) == groups  # reused, not run again

@@ -61,6 +61,10 @@ CASES: dict[str, Case] = {
     "dirichlet-empty-client": Case(["--split", "dirichlet", "--alpha", "0.01", "--clients", "60", "--malicious",
                                     "0.02", "--batch_size", "1"], ["Dirichlet(0.01)", "no samples", "--alpha"]),
     "flower-cpus-zero": Case(["--flower", "--flower_cpus", "0"], ["--flower_cpus", "(0, 4096]"]),
+    "flower-and-superlink": Case(["--flower", "--flower_superlink", "127.0.0.1:9091"],
+                                 ["give one of --flower", "--flower_superlink"]),
+    "superlink-not-host-port": Case(["--flower_superlink", "localhost"], ["--flower_superlink must be HOST:PORT",
+                                                                          "got 'localhost'"]),
     "results-exist": Case([], ["already holds results", "--overwrite"], kept=True),
 }
 

@@ -14,8 +14,18 @@ import torch.nn.functional as F
 from utils.core.discrepancy import md_from_logits
 from utils.core.grads import (Grads, check_budget, eval_mode, layerwise_alignment, layerwise_dot, normalize_layers,
                          param_grads, preserved_state, project_linf, signed, trainable_params)
+from utils.errors import UserError
 
 OBJECTIVES = ("reg", "normal", "second")
+
+
+def step_length(epsilon: float, num_steps: int, step_size: float = 0.0) -> float:
+    """The size α of the signed steps: ``step_size``, or the authors' 2ε/K when it is 0 (SPEC "The attack").
+    At most 2ε: from anywhere in the ε-ball a longer signed step lands on the same corner of the ball."""
+    if not 0.0 <= float(step_size) <= 2.0 * float(epsilon):
+        raise UserError(f"the step size must lie in [0, 2ε] = [0, {2.0 * float(epsilon):g}] (0: 2ε/K; a longer "
+                        f"signed step lands on the same corner of the ε-ball), got {step_size}")
+    return step_size if step_size else 2.0 * epsilon / max(num_steps, 1)
 
 
 def trigger_alignment(model: nn.Module, x_trigger: torch.Tensor, y_trigger: torch.Tensor,
@@ -28,10 +38,11 @@ def trigger_alignment(model: nn.Module, x_trigger: torch.Tensor, y_trigger: torc
 
 def craft_poisoned_trigger(model: nn.Module, x_trigger: torch.Tensor, y_trigger: torch.Tensor,
                            x_val: torch.Tensor, y_val: torch.Tensor, *, epsilon: float = 0.2,
-                           num_steps: int = 2, round_sign: bool = False) -> torch.Tensor:
-    """Signed steps of size 2ε/K that lower A(g(x', y_T), g(x_v, y_v)) (SPEC "The attack", step 1)."""
+                           num_steps: int = 2, round_sign: bool = False, step_size: float = 0.0) -> torch.Tensor:
+    """K signed steps of size α (``step_length``: 2ε/K unless ``step_size``) that lower A(g(x', y_T), g(x_v, y_v))
+    (SPEC "The attack", step 1)."""
     check_budget(epsilon, num_steps)
-    step = 2.0 * epsilon / max(num_steps, 1)
+    step = step_length(epsilon, num_steps, step_size)
     x0 = x_trigger.detach()
     x_adv = x0.clone()
     with preserved_state(model):
@@ -89,9 +100,10 @@ def craft_accumulative_poison(model: nn.Module, x: torch.Tensor, y: torch.Tensor
                               epsilon: float = 0.2, num_steps: int = 2, gamma: float = 1.0,
                               objective: str = "reg", round_sign: bool = False,
                               target: Grads | None = None, memorized: nn.Module | None = None,
-                              adaptive_md: float = 0.0) -> torch.Tensor:
-    """Signed steps of size 2ε/K that raise J(x') − λ·mean MD(x') (SPEC "The attack", step 2; λ > 0: the
-    adaptive attacker of SPEC "Detectors", which needs the ``memorized`` model).
+                              adaptive_md: float = 0.0, step_size: float = 0.0) -> torch.Tensor:
+    """K signed steps of size α (``step_length``: 2ε/K unless ``step_size``) that raise J(x') − λ·mean MD(x')
+    (SPEC "The attack", step 2; λ > 0: the adaptive attacker of SPEC "Detectors", which needs the ``memorized``
+    model).
 
     The target (which holds the second-order term) is computed once per call, before the steps; pass
     ``target`` to reuse one already computed by ``accumulative_target``.
@@ -99,7 +111,7 @@ def craft_accumulative_poison(model: nn.Module, x: torch.Tensor, y: torch.Tensor
     check_budget(epsilon, num_steps)
     if adaptive_md and memorized is None:
         raise ValueError("adaptive_md > 0 needs the memorized model")
-    step = 2.0 * epsilon / max(num_steps, 1)
+    step = step_length(epsilon, num_steps, step_size)
     if target is None:
         target = accumulative_target(model, x, y, x_trigger, y_trigger, x_val, y_val,
                                      gamma=gamma, objective=objective)

@@ -109,6 +109,9 @@ class ServerConfig:
                                   "no early stop)", low=0, high=1, note="a test error")
     threshold_delta: float | None = opt(None, "stop once the test error exceeds the starting model's + this "
                                         "(replaces --threshold)", low=0, high=1, note="a test error difference")
+    stop_every: int = opt(1, "check the stop rule after every N-th accumulative round only (the authors' code "
+                          "evaluates every 10th); every round is still evaluated and recorded", low=1, high=10 ** 6,
+                          metavar="N")
     eval_subset: int = opt(0, "evaluate a fixed subset of this many test samples after each accumulative round "
                            "(0: the full set; before/after the trigger round always the full set)", low=0)
     eval_batch_size: int = opt(1000, "evaluation batch size (speed only)", low=1)
@@ -136,7 +139,8 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class FlowerConfig:
-    """Running the rounds on Flower's simulation engine instead of in this process (SPEC "Federated learning")."""
+    """Running the rounds on Flower instead of in this process: its simulation engine (--flower) or its deployment
+    runtime, a SuperLink and SuperNodes the user started (--flower_superlink) (SPEC "Federated learning")."""
 
     enabled: bool = opt(False, "run the clients as Flower ClientApps and the server as a Flower ServerApp whose "
                         "strategy is --aggregator (needs pip install -r requirements-flower.txt)", flag="--flower")
@@ -146,9 +150,26 @@ class FlowerConfig:
                       flag="--flower_gpus", low=0, high=4096)
     timeout: float = opt(600.0, "seconds the server waits for a round's updates before it reports the clients "
                          "that sent none", flag="--flower_timeout", low=0, high=1e6, low_open=True)
+    superlink: str | None = opt(None, "Flower's deployment runtime: submit the run to the SuperLink whose HTTP API "
+                                "is at HOST:PORT (its SuperNodes are the clients) and wait for it (docs/FEDERATED.md)",
+                                flag="--flower_superlink", metavar="HOST:PORT")
+    root_certificates: str | None = opt(None, "the CA certificate (PEM) that signed a TLS SuperLink's certificate; "
+                                        "without it --flower_superlink speaks plain HTTP (a SuperLink started with "
+                                        "--insecure, on a trusted network)", flag="--flower_root_certificates",
+                                        metavar="FILE")
 
     def __post_init__(self) -> None:
         check_fields(self)
+        if self.enabled and self.superlink is not None:
+            raise UserError("give one of --flower (Flower's simulation engine in this process) and "
+                            "--flower_superlink (a SuperLink and SuperNodes you started)")
+        if self.superlink is not None:
+            host, _, port = self.superlink.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise UserError(f"--flower_superlink must be HOST:PORT (the SuperLink's --host and --port, e.g. "
+                                f"127.0.0.1:9091), got {self.superlink!r}")
+        if self.root_certificates is not None and self.superlink is None:
+            raise UserError("--flower_root_certificates is for --flower_superlink (a SuperLink with TLS)")
 
 
 def malicious_count(clients: ClientsConfig, attack: FedAttackConfig) -> int:

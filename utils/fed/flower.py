@@ -1,15 +1,21 @@
 """The federated rounds on Flower (SPEC "Federated learning", two ways to run): a Flower ``ServerApp`` whose strategy
 is our aggregator (``FederatedStrategy``: it sends the global θ to every node, checks that every client answered,
 and aggregates with the run's ``Server``), and a ``ClientApp`` that is our honest or malicious client (the same
-``InProcessClients.client_update``; the attacker's state lives in the node's ``Context.state``), run by
-``flwr.simulation.run_simulation``. The only module that imports flwr, and only when --flower asks for it.
+``InProcessClients.client_update``; the attacker's state lives in the node's ``Context.state``). Run by
+``flwr.simulation.run_simulation`` (--flower), or by Flower's deployment runtime: the app in flower-app/
+(``build_server_app``, ``build_client_app``) on a SuperLink and SuperNodes the user started (--flower_superlink,
+``utils.fed.deploy``; or ``flwr run``). With ``utils.fed.deploy`` the only modules that import flwr, and only when
+asked for.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 import logging
 import os
+import shlex
 import time
 import warnings
 from typing import Any, Callable, Iterable
@@ -20,21 +26,26 @@ from utils.errors import UserError
 from utils.fed.clients import AttackerState
 from utils.fed.config import FedConfig
 from utils.fed.context import FedContext, build_context
+from utils.fed.flags import parse_config
 from utils.fed.rounds import Exchange, FederatedRun, InProcessClients
 from utils.fed.server import Server
 
 INSTALL = "pip install -r requirements-flower.txt"
 CLIENT_MODS: list[Callable] = []  # Flower mods wrapped around every ClientApp this process builds (e.g. a fault)
+NODE_PATHS = ("resume", "dataroot")  # a SuperNode's --node-config may say where these are on its machine
 
 
-def require_flower() -> None:
-    """flwr and its simulation engine, or one line saying how to install them."""
+def require_flower(simulation: bool = True) -> None:
+    """flwr (and its simulation engine for --flower), or one line saying how to install them."""
     try:
         import flwr  # noqa: F401
-        import flwr.simulation  # noqa: F401
-        import ray  # noqa: F401
+        if simulation:
+            import flwr.simulation  # noqa: F401
+            import ray  # noqa: F401
     except ImportError as e:
-        raise UserError(f"--flower needs Flower and its simulation engine, which are not installed ({e}); run "
+        flag, what = ("--flower", "Flower and its simulation engine") if simulation else ("--flower_superlink",
+                                                                                          "Flower")
+        raise UserError(f"{flag} needs {what}, which {'are' if simulation else 'is'} not installed ({e}); run "
                         f"`{INSTALL}`") from None
 
 
@@ -46,6 +57,17 @@ def worker_config(cfg: FedConfig) -> FedConfig:
 
 
 _WORKER: dict[str, InProcessClients] = {}  # per worker process: the clients of each configuration, built once
+
+
+def node_paths(text: str, node_config: Any) -> str:
+    """The configuration with the paths a SuperNode's --node-config gives (resume=..., dataroot=...: where the
+    checkpoint folder and the data are on that node's machine), relative ones from the SuperNode's folder."""
+    given = {k: os.path.abspath(str(node_config[k])) for k in NODE_PATHS if k in (node_config or {})}
+    if not given:
+        return text
+    cfg = json.loads(text)
+    cfg["run"].update(given)
+    return json.dumps(cfg)
 
 
 def worker_clients(text: str) -> InProcessClients:
@@ -80,7 +102,7 @@ def client_train(message: Any, context: Any) -> Any:
     from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
     config = message.content["config"]
-    clients = worker_clients(str(config["fed"]))
+    clients = worker_clients(node_paths(str(config["fed"]), context.node_config))
     k, t, phase = int(config["client"]), int(config["round"]), str(config["phase"])
     device = clients.ctx.device
     theta = torch.from_numpy(message.content["arrays"]["theta"].numpy().copy()).to(device)
@@ -103,12 +125,13 @@ def build_client_app() -> Any:
     return app
 
 
-def lost_clients(replies: list[Any], nodes: list[int], n: int, t: int, timeout: float) -> dict[int, Any]:
-    """The update of each client from its reply; one UserError naming every client that sent none."""
+def lost_clients(replies: list[Any], sent: dict[str, int], n: int, t: int, timeout: float) -> dict[int, Any]:
+    """The update of each client from its reply; one UserError naming every client that sent none (``sent``: the
+    id of the message each client was sent, which an error reply, the node's or the SuperLink's, answers)."""
     got, lost = {}, []
     for msg in replies:
         if msg.has_error():
-            k = nodes.index(msg.metadata.src_node_id) if msg.metadata.src_node_id in nodes else "?"
+            k = sent.get(msg.metadata.reply_to_message_id, "?")
             lost.append(f"client {k}: {str(msg.error.reason).strip().splitlines()[-1][:200]}")
         else:
             got[int(msg.content["metrics"]["client"])] = msg.content["update"]["delta"].numpy()
@@ -130,16 +153,18 @@ def strategy_class() -> type:
         client stops the run) and aggregated by the run's Server (scores, --aggregator, θ ← θ + η·AGG)."""
 
         def __init__(self, server: Server, cfg: FedConfig, nodes: list[int]):
-            self.server, self.cfg, self.nodes, self.record = server, cfg, nodes, {}
+            self.server, self.cfg, self.nodes, self.record, self.sent = server, cfg, nodes, {}, []
             self.text = json.dumps(worker_config(cfg).to_dict())
 
         def configure_train(self, server_round: int, arrays: Any, config: Any, grid: Any) -> Iterable[Any]:
-            return [Message(RecordDict({"arrays": arrays, "config": ConfigRecord(
+            self.sent = [Message(RecordDict({"arrays": arrays, "config": ConfigRecord(
                 {**dict(config), "client": k, "fed": self.text})}), dst_node_id=node, message_type="train",
                 group_id=str(server_round)) for k, node in enumerate(self.nodes)]
+            return self.sent  # the Grid gives each its id as it sends it
 
         def aggregate_train(self, server_round: int, replies: Iterable[Any]) -> tuple[Any, Any]:
-            got = lost_clients(list(replies), self.nodes, len(self.nodes), server_round, self.cfg.flower.timeout)
+            sent = {m.metadata.message_id: k for k, m in enumerate(self.sent)}
+            got = lost_clients(list(replies), sent, len(self.nodes), server_round, self.cfg.flower.timeout)
             updates = torch.stack([torch.from_numpy(got[k].copy()) for k in range(len(self.nodes))])
             self.record = self.server.step(updates.to(self.server.theta.device), server_round)
             return (ArrayRecord({"theta": Array(self.server.theta.cpu().numpy())}),
@@ -174,14 +199,56 @@ def flower_exchange(strategy: Any, grid: Any) -> Exchange:
     return exchange
 
 
-def wait_for_nodes(grid: Any, n: int, timeout: float) -> list[int]:
+def wait_for_nodes(grid: Any, n: int, timeout: float, deployed: bool = False) -> list[int]:
     """The first n node ids (sorted: client k is always the same node, which keeps its state)."""
     deadline = time.time() + timeout
     while len(nodes := sorted(grid.get_node_ids())) < n:
         if time.time() > deadline:
-            raise UserError(f"Flower started {len(nodes)} of the {n} client nodes within --flower_timeout {timeout:g} s")
+            if deployed:
+                raise UserError(f"{len(nodes)} of the {n} SuperNodes the run needs (one per client) connected to "
+                                f"the SuperLink within --flower_timeout {timeout:g} s; start {n - len(nodes)} more "
+                                f"(docs/FEDERATED.md, \"Flower's deployment runtime\")")
+            raise UserError(f"Flower started {len(nodes)} of the {n} client nodes within --flower_timeout "
+                            f"{timeout:g} s")
         time.sleep(0.2)
     return nodes[:n]
+
+
+def flower_rounds(ctx: FedContext, server: Server, out: str, grid: Any, deployed: bool = False) -> dict:
+    """Every round, the clients reached through a Flower Grid; returns the summary (SPEC "Federated learning")."""
+    nodes = wait_for_nodes(grid, ctx.cfg.participants(), ctx.cfg.flower.timeout, deployed)
+    strategy = strategy_class()(server, ctx.cfg, nodes)
+    return FederatedRun(ctx, server, flower_exchange(strategy, grid), out).run()
+
+
+def app_config(run_config: Any) -> FedConfig:
+    """The run's configuration from the app's run config: ``config`` (the JSON that --flower_superlink sends) or
+    ``args`` (feder_accu_train.py's flags, as a ``flwr run --run-config 'args="..."'`` user writes them)."""
+    text, args, err = str(run_config.get("config", "")), str(run_config.get("args", "")), io.StringIO()
+    if text:
+        return FedConfig.from_dict(json.loads(text))
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(err):
+            return parse_config(shlex.split(args))
+    except (SystemExit, ValueError) as e:
+        if isinstance(e, UserError):
+            raise
+        why = (err.getvalue().strip().splitlines() or [str(e)])[-1]
+        raise UserError(f"the run config's args must be feder_accu_train.py's flags: {why}") from None
+
+
+def build_server_app(run: Callable[..., dict]) -> Any:
+    """Our server as a Flower ServerApp for the deployment runtime: ``run(config, grid=grid)`` (the federated run,
+    ``utils.fed.run.run_federated``) with the configuration of the app's run config."""
+    from flwr.serverapp import ServerApp
+
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Any, context: Any) -> None:
+        run(app_config(context.run_config), grid=grid)
+
+    return app
 
 
 def run_on_flower(ctx: FedContext, server: Server, out: str) -> dict:
@@ -194,8 +261,7 @@ def run_on_flower(ctx: FedContext, server: Server, out: str) -> dict:
 
     @app.main()
     def main(grid: Any, context: Any) -> None:
-        strategy = strategy_class()(server, ctx.cfg, wait_for_nodes(grid, n, ctx.cfg.flower.timeout))
-        result["summary"] = FederatedRun(ctx, server, flower_exchange(strategy, grid), out).run()
+        result["summary"] = flower_rounds(ctx, server, out, grid)
 
     if ctx.device.type == "cuda" and not ctx.cfg.flower.gpus:
         raise UserError("--flower on a GPU needs --flower_gpus (the GPU share of one ClientApp, e.g. 0.1)")

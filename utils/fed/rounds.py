@@ -106,14 +106,15 @@ class FederatedRun:
         return record
 
     def accumulative(self) -> tuple[list[dict], str]:
-        """Rounds until --rounds or the test error exceeds the threshold."""
+        """Rounds until --rounds or the test error exceeds the threshold (read after every --stop_every-th round)."""
         records = []
         with tqdm(total=self.ctx.cfg.server.rounds, desc="rounds", dynamic_ncols=True, disable=None) as bar:
             for t in range(1, self.ctx.cfg.server.rounds + 1):
                 records.append(self.round(t, ACCUMULATIVE))
                 bar.update(1)
                 bar.set_postfix(err=f"{records[-1]['test_err']:.4f}")
-                if self.ctx.threshold is not None and records[-1]["test_err"] > self.ctx.threshold:
+                checked = t % self.ctx.cfg.server.stop_every == 0
+                if checked and self.ctx.threshold is not None and records[-1]["test_err"] > self.ctx.threshold:
                     return records, "threshold"
         return records, "rounds"
 

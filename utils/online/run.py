@@ -14,7 +14,7 @@ from typing import Iterator
 import torch
 from tqdm import tqdm
 
-from utils.attack.attacker import Attacker
+from utils.attack.attacker import Attacker, FireWatch
 from utils.core.stream import Arrival
 from utils.core.train import environment, evaluate
 from utils.defense import defenders
@@ -89,21 +89,37 @@ class OnlineRun:
             laps.lap(m.name)
         return {**record, **laps.total()}
 
-    def accumulative_phase(self) -> tuple[list[dict], str]:
-        """Steps until --epochs batches have arrived or the test error exceeds the threshold."""
+    def accumulative_phase(self, watch: FireWatch) -> tuple[list[dict], str]:
+        """Steps until the trigger fires (--fire: the default, once the test error exceeds the threshold) or
+        --epochs batches have arrived; returns the records and the rule that ended the phase."""
         records, batches = [], iter(self.ctx.stream)
         bar = tqdm(total=self.ctx.cfg.stream.steps, desc="online", dynamic_ncols=True, disable=None)
         with bar:
             for t in range(self.ctx.cfg.stream.steps):
-                records.append(self.step(t, batches))
-                append_jsonl(os.path.join(self.out, "steps.jsonl"), records[-1])
+                record = self.step(t, batches)
+                fired = self.fires(watch, record)
+                records.append(record)
+                append_jsonl(os.path.join(self.out, "steps.jsonl"), record)
                 bar.update(1)
-                bar.set_postfix(err=f"{records[-1]['test_err']:.4f}")
-                if records[-1]["test_err"] > self.ctx.threshold:
-                    return records, "threshold"
+                bar.set_postfix(err=f"{record['test_err']:.4f}")
+                if fired:
+                    return records, self.ctx.cfg.attack.fire
                 if self.ctx.cfg.attack.online_advtrigger:
                     self.attacker.craft_trigger(self.ctx.model)
         return records, "epochs"
+
+    def fires(self, watch: FireWatch, record: dict) -> bool:
+        """After a step: does the trigger fire now (SPEC "The attack", step 3)? --fire threshold: the learner's
+        test error exceeds the threshold; else the attacker's rule, which sees A (the step's measured
+        ``alignment``, or computed here under --no_alignment) and adds what it saw to the record."""
+        if self.ctx.cfg.attack.fire == "threshold":
+            return record["test_err"] > self.ctx.threshold
+        alignment = None
+        if self.ctx.cfg.attack.fire == "alignment_peak":
+            alignment = record["alignment"] if "alignment" in record else self.attacker.alignment(self.ctx.model)
+        fired, seen = watch.observe(record["t"] + 1, alignment)
+        record.update(seen)
+        return fired
 
     def run(self) -> dict:
         """The whole phase; returns the summary (SPEC "The attack", step 3)."""
@@ -112,7 +128,8 @@ class OnlineRun:
         self.attacker.craft_trigger(self.ctx.model)
         for m in self.before + self.after:
             m.start(self.ctx.model)
-        records, stop_reason = self.accumulative_phase()
+        watch = self.attacker.watch(self.ctx.model)
+        records, stop_reason = self.accumulative_phase(watch)
         err_before = self.evaluate(full=True)
         for m in self.before + self.after:
             m.finish(self.ctx.model)
@@ -125,7 +142,7 @@ class OnlineRun:
         summary = {"err_burn_in": err_burn_in, "err_end_accumulative": err_before, "err_before_trigger": err_before,
                    "err_after_trigger": err_after, "delta": err_after - err_before,
                    "delta_vs_burn_in": err_after - err_burn_in, "steps": len(records), "stop_reason": stop_reason,
-                   "threshold": self.ctx.threshold}
+                   "threshold": self.ctx.threshold, **watch.summary()}
         for part in self.after + self.before:
             summary.update(part.summary())
         summary.update(self.defender.summary(records))

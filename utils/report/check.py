@@ -16,6 +16,7 @@ from typing import Any
 from utils.burnin.config import LEGACY_ARGS
 from utils.core.checkpoint import load_checkpoint
 from utils.io.results import read_json, read_jsonl
+from utils.online.config import OnlineConfig
 
 STEP_FIELDS = ("test_err", "alignment", "md_poison")  # per arriving batch
 SUMMARY_FIELDS = ("err_burn_in", "err_before_trigger", "err_after_trigger", "steps", "stop_reason",
@@ -140,10 +141,12 @@ def compare_claims(mine: list[dict], published: list[dict]) -> list[dict]:
 
 
 def with_legacy_settings(published: dict[str, Any], mine: dict[str, Any]) -> dict[str, Any]:
-    """A published preset written before a burn-in setting existed holds it at the value it then had (LEGACY_ARGS:
-    e.g. ``burn_in.normalize`` True), so a setting added later with that default is no difference."""
+    """A published preset written before a setting existed holds it at the value it then had: a burn-in setting at
+    LEGACY_ARGS (e.g. ``burn_in.normalize`` True), an online setting at its default (a new field's default keeps
+    the behaviour it had before the field existed), so a setting added later at that value is no difference."""
     legacy = {f"burn_in.{k}": v for k, v in LEGACY_ARGS.items() if f"burn_in.{k}" in mine}
-    return {**legacy, **published}
+    online = {k: v for k, v in plain({"base": OnlineConfig().to_dict()}).items() if k in mine}
+    return {**online, **legacy, **published}
 
 
 def compare(mine: dict, published: dict) -> Comparison:

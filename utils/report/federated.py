@@ -11,9 +11,9 @@ import time
 
 from utils.io.results import read_jsonl
 from utils.report import plots
-from utils.report.claims import CLAIM_COLUMNS, Claim, claim_rows, paired_interval, trigger_drop, verdict
+from utils.report.claims import CLAIM_COLUMNS, Claim, Interval, claim_rows, paired_interval, trigger_drop, verdict
 from utils.report.tables import mean_std, write_table
-from utils.sweep.federated import ALONE, ANCHOR, HONEST, FedPreset
+from utils.sweep.federated import ALONE, HONEST, FedPreset, dirichlet
 from utils.sweep.presets import Replicate
 
 Groups = dict[str, dict[Replicate, dict]]  # row label -> replicate -> summary
@@ -33,12 +33,17 @@ def control_of(groups: Groups, bases: dict[str, str], label: str, suffix: str) -
     return groups.get(bases.get(label, label) + suffix)
 
 
-def paired(row: dict[Replicate, dict], control: dict[Replicate, dict] | None) -> tuple[str, object]:
+def interval_text(iv: Interval | None) -> str:
+    """'m [lo, hi]' (points), or '' without an interval."""
+    return "" if iv is None else f"{iv.mean:+.1f} [{iv.low:+.1f}, {iv.high:+.1f}]"
+
+
+def paired(row: dict[Replicate, dict], control: dict[Replicate, dict] | None) -> tuple[str, Interval | None]:
     """'m [lo, hi]' of the paired difference of the trigger's drop, and its interval."""
     if not control:
         return "", None
     iv = paired_interval({rep: trigger_drop(s) - trigger_drop(control[rep]) for rep, s in row.items() if rep in control})
-    return ("" if iv is None else f"{iv.mean:+.1f} [{iv.low:+.1f}, {iv.high:+.1f}]"), iv
+    return interval_text(iv), iv
 
 
 def table_row(label: str, groups: Groups, bases: dict[str, str]) -> dict:
@@ -83,7 +88,8 @@ def federated_claims(groups: Groups, bases: dict[str, str]) -> list[Claim]:
                                     f"{label}: the trigger drops accuracy more than after {what}, by more than 1 "
                                     f"point", label, trigger_drop, control, threshold=1.0))
     md = lambda s: (s["auroc_accumulative"] or {}).get("md")  # noqa: E731
-    for label in [k for k in groups if k in ("fedavg", "fedavg, unboosted attacker") or "adaptive" in k]:
+    for label in [k for k in groups if k in ("fedavg", "fedavg, unboosted attacker") or "adaptive" in k
+                  or (k.startswith("fedavg, dirichlet") and k in attack_rows(groups))]:
         claims.append(Claim(f"md_separates_{slug(label)}", "this project", f"{label}: MD's AUROC of malicious vs "
                             f"honest updates is above 0.5", label, md, threshold=0.5, unit="AUROC"))
         for other in SCORE_NAMES[:-1]:
@@ -94,19 +100,106 @@ def federated_claims(groups: Groups, bases: dict[str, str]) -> list[Claim]:
 
 
 def score_rows(groups: Groups) -> tuple[list[dict], dict[str, str]]:
-    """Per score: its AUROC of malicious vs honest updates under every attacked row (accumulative rounds, the mean of
-    each round's), and in the trigger round of the FedAvg runs."""
-    labels = [k for k in attack_rows(groups) if k != ANCHOR]
-    headers = {"score": "score", **{f"row{i}": f"AUROC under {k}" for i, k in enumerate(labels)},
-               "trigger": "AUROC in the trigger round (fedavg)"}
+    """Per attacked row (not the attacker-alone ones: one update per round): each score's AUROC of malicious vs
+    honest updates in the accumulative rounds (the mean of each round's) and in the trigger round."""
+    headers = {"row": "row", **{s: f"AUROC {s}" for s in SCORE_NAMES},
+               **{f"trigger_{s}": f"trigger round: AUROC {s}" for s in SCORE_NAMES}}
     rows = []
-    for s in SCORE_NAMES:
-        row = {"score": s, **{f"row{i}": mean_std([(r["auroc_accumulative"] or {}).get(s) for r in groups[k].values()],
-                                                  digits=3) for i, k in enumerate(labels)}}
-        row["trigger"] = mean_std([(r["auroc_trigger"] or {}).get(s) for r in groups.get("fedavg", {}).values()],
-                                  digits=3)
-        rows.append(row)
+    for k in attack_rows(groups):
+        runs = list(groups[k].values())
+        if all(r["auroc_accumulative"] is None and r["auroc_trigger"] is None for r in runs):
+            continue
+        rows.append({"row": k, **{s: mean_std([(r["auroc_accumulative"] or {}).get(s) for r in runs], digits=3)
+                                  for s in SCORE_NAMES},
+                     **{f"trigger_{s}": mean_std([(r["auroc_trigger"] or {}).get(s) for r in runs], digits=3)
+                        for s in SCORE_NAMES}})
     return rows, headers
+
+
+NONIID = {"aggregator": "aggregator", "split": "clients' data", "acc_honest": "honest rounds: acc. before trigger (%)",
+          "vs_fedavg": "honest acc. − FedAvg's (pts, 95 % CI)", "vs_iid": "honest acc. − IID (pts, 95 % CI)",
+          "vs_honest": "attack: drop − honest rounds (pts, 95 % CI)", "auroc_md": "AUROC md",
+          "auroc_best_other": "best other AUROC"}
+
+
+def split_rows(preset: FedPreset) -> dict[str, str]:
+    """The IID and non-IID label of each aggregator row: {label: split}."""
+    out = {a: "iid" for a in preset.aggregators}
+    out.update({f"{a}, {dirichlet(alpha)}": dirichlet(alpha) for alpha in preset.alphas for a in preset.aggregators})
+    return out
+
+
+def accuracy_gap(row: dict[Replicate, dict] | None, other: dict[Replicate, dict] | None) -> Interval | None:
+    """The paired accuracy difference before the trigger, row − other (points), with its interval."""
+    if not row or not other:
+        return None
+    return paired_interval({rep: 100 * (other[rep]["err_before_trigger"] - s["err_before_trigger"])
+                            for rep, s in row.items() if rep in other})
+
+
+def noniid_effects(preset: FedPreset, groups: Groups) -> list[dict]:
+    """Per aggregator and split (IID, each Dirichlet α): the honest rounds' accuracies, their paired gaps to
+    FedAvg's and to the same aggregator's with IID clients, the attack's drop over honest rounds, and each score's
+    mean AUROC under the attack (SPEC "Federated learning")."""
+    out = []
+    for label, split in split_rows(preset).items():
+        if label not in groups:
+            continue
+        a, honest = label.split(",")[0], groups.get(label + HONEST)
+        fedavg = "fedavg" if split == "iid" else f"fedavg, {split}"
+        aurocs = {s: [(r["auroc_accumulative"] or {}).get(s) for r in groups[label].values()] for s in SCORE_NAMES}
+        out.append({"aggregator": a, "split": split, "label": label,
+                    "honest_acc": [100 * (1 - r["err_before_trigger"]) for r in (honest or {}).values()],
+                    "vs_fedavg": accuracy_gap(honest, groups.get(fedavg + HONEST)) if a != "fedavg" else None,
+                    "vs_iid": accuracy_gap(honest, groups.get(a + HONEST)) if split != "iid" else None,
+                    "vs_honest": paired(groups[label], honest)[1],
+                    "auroc": {s: statistics.fmean(v) for s, v in aurocs.items() if v and None not in v}})
+    return out
+
+
+def noniid_rows(effects: list[dict]) -> list[dict]:
+    """The non-IID table's lines from ``noniid_effects``."""
+    rows = []
+    for e in effects:
+        others = {s: v for s, v in e["auroc"].items() if s != "md"}
+        best = max(others, key=others.get, default=None)
+        rows.append({"aggregator": e["aggregator"], "split": e["split"], "acc_honest": mean_std(e["honest_acc"]),
+                     "vs_fedavg": interval_text(e["vs_fedavg"]), "vs_iid": interval_text(e["vs_iid"]),
+                     "vs_honest": interval_text(e["vs_honest"]),
+                     "auroc_md": f"{e['auroc']['md']:.3f}" if "md" in e["auroc"] else "",
+                     "auroc_best_other": f"{best} {others[best]:.3f}" if best else ""})
+    return rows
+
+
+def write_noniid_figure(effects: list[dict], path: str) -> None:
+    """noniid.png: per aggregator and split, the honest rounds' accuracy (left) and the attack's drop over honest
+    rounds with its 95 % interval (right)."""
+    plt = plots.pyplot()
+    if plt is None or not effects:
+        return
+    aggs, splits = list(dict.fromkeys(e["aggregator"] for e in effects)), list(dict.fromkeys(e["split"] for e in effects))
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5))
+    width = 0.8 / len(splits)
+    for j, split in enumerate(splits):
+        mine = {e["aggregator"]: e for e in effects if e["split"] == split}
+        xs = [i + (j - (len(splits) - 1) / 2) * width for i, a in enumerate(aggs) if a in mine]
+        acc = [statistics.fmean(mine[a]["honest_acc"]) if mine[a]["honest_acc"] else float("nan") for a in aggs
+               if a in mine]
+        ax.bar(xs, acc, width, label=split, color=f"C{j}")
+        ivs = [(x, mine[a]["vs_honest"]) for x, a in zip(xs, [a for a in aggs if a in mine]) if mine[a]["vs_honest"]]
+        if ivs:
+            bx.errorbar([x for x, _ in ivs], [iv.mean for _, iv in ivs], yerr=[[iv.mean - iv.low for _, iv in ivs],
+                        [iv.high - iv.mean for _, iv in ivs]], fmt="o", capsize=3, color=f"C{j}", label=split)
+    lows = [min(e["honest_acc"]) for e in effects if e["honest_acc"]]
+    ax.set(ylabel="honest rounds: test accuracy before the trigger (%)", title="what each aggregator costs honest "
+           "clients", ylim=(max(0.0, min(lows, default=0.0) - 5), None))
+    bx.axhline(1.0, ls="--", color="grey", lw=1)
+    bx.axhline(0.0, color="black", lw=0.5)
+    bx.set(ylabel="trigger's drop − after honest rounds (pts, 95 %)", title="the attack under each aggregator")
+    for a in (ax, bx):
+        a.set_xticks(range(len(aggs)), aggs, rotation=30, ha="right", fontsize=8)
+        a.legend(fontsize=7)
+    plots.save_figure(plt, fig, path)
 
 
 COSTS = {"row": "row", "runs": "runs", "round_s": "s / round", "clients_s": "clients", "scores_s": "scores (root "
@@ -150,8 +243,9 @@ def write_federated_figure(preset: FedPreset, out: str, groups: Groups) -> None:
     if plt is None:
         return
     rep = preset.replicates()[0]
+    iid = [k for k, split in split_rows(preset).items() if split == "iid"] + [k for k in groups if "unboosted" in k]
     rows = {r.label: os.path.join(out, "runs", preset.run_name(r, rep)) for r in preset.rows() if r.label in groups
-            and r.label in attack_rows(groups) and r.label != ANCHOR}
+            and r.label in attack_rows(groups) and r.label in iid}
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for i, ((label, run), marker) in enumerate(zip(rows.items(), "os^Dvx<>ph*+")):
         s, records = groups[label][rep], read_jsonl(os.path.join(run, "rounds.jsonl"))
@@ -185,7 +279,11 @@ def write_federated_reports(preset: FedPreset, out: str, groups: Groups) -> str:
     rows, headers = score_rows(groups)
     text += "\n" + write_table(rows, headers, out, "scores", title(preset, "Per-update scores as detectors: AUROC "
                                                                            "of malicious vs honest updates"))
+    effects = noniid_effects(preset, groups)
+    text += "\n" + write_table(noniid_rows(effects), NONIID, out, "noniid", title(
+        preset, "IID and non-IID clients: the honest rounds' accuracy and the attack, per aggregator"))
     text += "\n" + write_table(cost_rows(groups), COSTS, out, "costs", title(preset, "Seconds per round (median)"))
     write_table(run_rows(groups), {k: k for k in RUNS}, out, "runs", title(preset, "Every run"))
     write_federated_figure(preset, out, groups)
+    write_noniid_figure(effects, os.path.join(out, "noniid.png"))
     return text

@@ -21,6 +21,13 @@ from utils.sweep.reuse import ensure_burn_in, finished_summary, refuse_other_bur
 
 ALONE, HONEST = " (trigger alone)", " (honest rounds + trigger)"  # the controls' label suffixes
 ANCHOR = "attacker alone (the authors' experiment)"
+AUTHORS = "the authors' command"
+AUTHORS_COMMAND = ("--epoch 1000 --feder_lambda 8e-2 --poisoned_trigger_step 0.01 --clip_gradnorm --clipvalue 10 "
+                   "--mode train --lr 1e-1 --momentum 0.9 --threshold 0.18")  # the attack repository's README
+AUTHORS_ATTACK = {"feder_lambda": 0.08, "poisoned_trigger_step": 0.01, "clip_gradnorm": True, "clipvalue": 10.0,
+                  "craft_mode": "train", "boost": 1.0}
+# their stop: the test error (their full test set) above 0.18, read every 10th round, at most 1000 rounds
+AUTHORS_STOP = {"threshold": 0.18, "threshold_delta": None, "stop_every": 10, "eval_subset": 0}
 
 
 @dataclass(frozen=True)
@@ -58,6 +65,10 @@ class FedPreset:
     unboosted: tuple[str, ...] = ("fedavg", "md_screen")
     adaptive: float = 10.0
     anchor: bool = True
+    authors: tuple[str, ...] = ("fedavg", "md_screen")
+    authors_alone_rounds: int = 1000
+    authors_rounds: int = 20
+    alphas: tuple[float, ...] = (0.5, 0.1)
 
     def rows(self) -> list[FedRow]:
         """Per aggregator the attack and its two controls; the unboosted attacker's rows; the unboosted adaptive
@@ -78,7 +89,27 @@ class FedPreset:
         if self.anchor:
             rows += with_controls(ANCHOR, "attacker_alone", {"attack": {"attacker_only": True, "boost": 1.0},
                                                              "server": {"aggregator": "fedavg"}})[:2]
+        return rows + self.authors_rows() + self.dirichlet_rows()
+
+    def authors_rows(self) -> list[FedRow]:
+        """The authors' federated command (AUTHORS_ATTACK, AUTHORS_STOP): their attacker alone for up to
+        ``authors_alone_rounds`` (their 1000) with its trigger-alone control, and the same attacker among the honest clients under ``authors``
+        aggregators, at most ``authors_rounds`` rounds (the honest rounds never reach their stop)."""
+        if not self.authors:
+            return []
+        alone = {"attack": {**AUTHORS_ATTACK, "attacker_only": True},
+                 "server": {**AUTHORS_STOP, "aggregator": "fedavg", "rounds": self.authors_alone_rounds}}
+        rows = with_controls(f"{AUTHORS}: attacker alone", "authors_alone", alone)[:2]
+        for a in self.authors:
+            rows += with_controls(f"{a}, the authors' attacker", f"authors_{a}", {
+                "attack": AUTHORS_ATTACK, "server": {**AUTHORS_STOP, "aggregator": a, "rounds": self.authors_rounds}})
         return rows
+
+    def dirichlet_rows(self) -> list[FedRow]:
+        """Every aggregator again with non-IID clients: the training set shared by Dirichlet(α) class proportions."""
+        return [row for alpha in self.alphas for a in self.aggregators for row in with_controls(
+            f"{a}, {dirichlet(alpha)}", f"{a}_dir{alpha:g}", {"server": {"aggregator": a},
+                                                              "clients": {"split": "dirichlet", "alpha": alpha}})]
 
     def replicates(self) -> list[Replicate]:
         return [(b, s) for b in self.burn_in_seeds for s in self.seeds]
@@ -94,6 +125,11 @@ class FedPreset:
                                  "out": os.path.join(out, "runs", self.run_name(row, rep))})
 
 
+def dirichlet(alpha: float) -> str:
+    """The label part of a non-IID row."""
+    return f"dirichlet α={alpha:g}"
+
+
 def federated_preset() -> FedPreset:
     """Real Fashion-MNIST, the small CNN of the cpu preset's burn-ins (epoch 5) 0-4 x seeds 20, 21 (the online
     presets' 10 paired replicates; intervals over the 5 burn-ins' means); 10 IID clients, 2
@@ -102,7 +138,9 @@ def federated_preset() -> FedPreset:
     λ 0.01 (the authors'), a validation batch of 500, at most 8 accumulative rounds, stop at the starting error +
     0.08 (as the cpu preset), 2000 test samples evaluated per round; FedAvg and the MD screen also against the
     attacker unboosted (and the MD screen against it adaptive, λ 10); the authors' experiment unboosted, as theirs;
-    the portable CPU kernels and 2 threads, as the burn-ins."""
+    the authors' command (their attacker alone, and among the honest clients under FedAvg and the MD screen); every
+    aggregator again with Dirichlet(0.5) and Dirichlet(0.1) clients; the portable CPU kernels and 2 threads, as the
+    burn-ins."""
     cpu = cpu_preset()
     run = FedRunConfig(device="cpu", threads=CPU_THREADS, kernels="portable", dataroot=cpu.base.run.dataroot,
                        download=cpu.base.run.download)
@@ -114,11 +152,13 @@ def federated_preset() -> FedPreset:
 
 def federated_smoke(preset: FedPreset) -> FedPreset:
     """Every stage of the preset with tiny sizes: one replicate (the source preset's smoke burn-in: two epochs on 256
-    samples; one seed), two rounds of 5 clients, small batches."""
+    samples; one seed), two rounds of 5 clients, small batches; the authors' command for 2 rounds under FedAvg only;
+    one Dirichlet α."""
     base = replace(preset.base, clients={"clients": 5, "batch_size": 20, "local_steps": 1},
                    attack={"val_size": 64, "boost": 5.0}, server={"rounds": 2, "eval_subset": 200, "root_size": 20})
     return dataclasses.replace(preset, name=f"{preset.name}_smoke", base=base, source=smoke(preset.source),
-                               burn_in_seeds=preset.burn_in_seeds[:1], seeds=preset.seeds[:1])
+                               burn_in_seeds=preset.burn_in_seeds[:1], seeds=preset.seeds[:1], authors=("fedavg",),
+                               authors_alone_rounds=2, authors_rounds=2, alphas=preset.alphas[:1])
 
 
 def ensure_burn_ins(preset: FedPreset, fresh: bool) -> None:

@@ -51,6 +51,15 @@ def config_diff(saved: dict, wanted: dict, ignore: tuple[str, ...] = ()) -> list
             if k not in IGNORED + ignore and a.get(k) != b.get(k)]
 
 
+def with_new_defaults(saved: dict, cfg: Any) -> dict:
+    """A saved configuration with the fields added since it was written at their defaults (a new field's default
+    keeps the behaviour it had before the field existed), so those runs are still reused."""
+    defaults, flat = flatten(type(cfg)().to_dict()), flatten(saved)
+    if not flat:
+        return saved
+    return {**{k: v for k, v in defaults.items() if k not in flat}, **flat}
+
+
 def finished_summary(cfg: OnlineConfig, fresh: bool) -> dict | None:
     """The summary of a finished run of exactly this configuration in cfg.run.out; None when there is none.
 
@@ -60,7 +69,7 @@ def finished_summary(cfg: OnlineConfig, fresh: bool) -> dict | None:
         return None
     saved = read_json(os.path.join(out, "config.json")).get("config", {}) if os.path.isfile(
         os.path.join(out, "config.json")) else {}
-    diff = config_diff(saved, cfg.to_dict())
+    diff = config_diff(with_new_defaults(saved, cfg), cfg.to_dict())
     if not diff:
         return read_json(os.path.join(out, "summary.json"))
     if fresh:

@@ -1,0 +1,1 @@
+"""The federated run as a Flower app (flower-app/pyproject.toml)."""
