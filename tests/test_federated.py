@@ -275,7 +275,8 @@ def test_the_authors_command_rows_carry_their_readme_values_and_dirichlet_rows_e
         among = rows[f"{agg}, the authors' attacker"]
         assert not among.attack.attacker_only and among.attack.feder_lambda == 0.08 and among.server.aggregator == agg
         assert not rows[f"{agg}, the authors' attacker (honest rounds + trigger)"].attack.poison
-    for alpha in (0.5, 0.1):
+    assert fed.alphas and all(0 < a < 1 for a in fed.alphas)
+    for alpha in fed.alphas:
         for agg in fed.aggregators:
             for suffix in ("", " (trigger alone)", " (honest rounds + trigger)"):
                 cfg = rows[f"{agg}, dirichlet α={alpha:g}{suffix}"]
@@ -363,6 +364,12 @@ def test_the_federated_reproduction_writes_its_tables_and_figure(tiny_run, small
     assert os.path.isfile(os.path.join(out, "accuracy.png")) and os.path.isfile(os.path.join(out, "noniid.png"))
     noniid = open(os.path.join(out, "noniid.md")).read()
     assert "dirichlet α=0.5" in noniid and "md_screen" in noniid
+    from utils.report.federated import noniid_effects, noniid_rows
+    lines = {(r["aggregator"], r["split"]): r for r in noniid_rows(noniid_effects(preset, groups), preset, out)}
+    rounds = sum(s["rounds"] for s in groups["fedavg"].values())  # one malicious client: one update per round
+    assert lines["fedavg", "iid"]["excluded_attacker"] == f"0/{rounds} (0 %)"  # FedAvg weighs every update
+    assert lines["md_screen", "dirichlet α=0.5"]["excluded_honest"].split("/")[1].startswith(
+        str(4 * sum(s["rounds"] for s in groups["md_screen, dirichlet α=0.5 (honest rounds + trigger)"].values())))
     assert "md_screen, unboosted adaptive attacker λ=1" in text and "attacker alone" in text
     stamps = {f: os.path.getmtime(f) for f in glob.glob(os.path.join(out, "runs", "*", "summary.json"))}
     assert run_federated_preset(preset, out, fresh=False) == groups  # reused, not run again

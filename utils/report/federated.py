@@ -118,8 +118,24 @@ def score_rows(groups: Groups) -> tuple[list[dict], dict[str, str]]:
 
 NONIID = {"aggregator": "aggregator", "split": "clients' data", "acc_honest": "honest rounds: acc. before trigger (%)",
           "vs_fedavg": "honest acc. − FedAvg's (pts, 95 % CI)", "vs_iid": "honest acc. − IID (pts, 95 % CI)",
+          "excluded_honest": "honest rounds: updates excluded", "excluded_attacker": "attack: its updates excluded",
           "vs_honest": "attack: drop − honest rounds (pts, 95 % CI)", "auroc_md": "AUROC md",
           "auroc_best_other": "best other AUROC"}
+
+
+def excluded(preset: FedPreset, out: str, label: str, malicious: bool) -> str:
+    """'k/n (p %)': the accumulative rounds' updates the aggregator gave weight 0, the malicious ones or the honest
+    ones, over the row's runs; '' for the coordinate-wise rules (no per-update weight)."""
+    row = next((r for r in preset.rows() if r.label == label), None)
+    zero = total = 0
+    for rep in preset.replicates() if row else []:
+        path = os.path.join(out, "runs", preset.run_name(row, rep), "rounds.jsonl")
+        for r in read_jsonl(path) if os.path.isfile(path) else []:
+            if r["phase"] != "accumulative" or None in r["weights"]:
+                continue
+            mine = [w for k, w in enumerate(r["weights"]) if (k in r["malicious"]) == malicious]
+            zero, total = zero + sum(w == 0 for w in mine), total + len(mine)
+    return f"{zero}/{total} ({100 * zero / total:.0f} %)" if total else ""
 
 
 def split_rows(preset: FedPreset) -> dict[str, str]:
@@ -157,14 +173,16 @@ def noniid_effects(preset: FedPreset, groups: Groups) -> list[dict]:
     return out
 
 
-def noniid_rows(effects: list[dict]) -> list[dict]:
-    """The non-IID table's lines from ``noniid_effects``."""
+def noniid_rows(effects: list[dict], preset: FedPreset, out: str) -> list[dict]:
+    """The non-IID table's lines from ``noniid_effects`` and the runs' per-update weights."""
     rows = []
     for e in effects:
         others = {s: v for s, v in e["auroc"].items() if s != "md"}
         best = max(others, key=others.get, default=None)
         rows.append({"aggregator": e["aggregator"], "split": e["split"], "acc_honest": mean_std(e["honest_acc"]),
                      "vs_fedavg": interval_text(e["vs_fedavg"]), "vs_iid": interval_text(e["vs_iid"]),
+                     "excluded_honest": excluded(preset, out, e["label"] + HONEST, False),
+                     "excluded_attacker": excluded(preset, out, e["label"], True),
                      "vs_honest": interval_text(e["vs_honest"]),
                      "auroc_md": f"{e['auroc']['md']:.3f}" if "md" in e["auroc"] else "",
                      "auroc_best_other": f"{best} {others[best]:.3f}" if best else ""})
@@ -280,7 +298,7 @@ def write_federated_reports(preset: FedPreset, out: str, groups: Groups) -> str:
     text += "\n" + write_table(rows, headers, out, "scores", title(preset, "Per-update scores as detectors: AUROC "
                                                                            "of malicious vs honest updates"))
     effects = noniid_effects(preset, groups)
-    text += "\n" + write_table(noniid_rows(effects), NONIID, out, "noniid", title(
+    text += "\n" + write_table(noniid_rows(effects, preset, out), NONIID, out, "noniid", title(
         preset, "IID and non-IID clients: the honest rounds' accuracy and the attack, per aggregator"))
     text += "\n" + write_table(cost_rows(groups), COSTS, out, "costs", title(preset, "Seconds per round (median)"))
     write_table(run_rows(groups), {k: k for k in RUNS}, out, "runs", title(preset, "Every run"))

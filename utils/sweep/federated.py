@@ -68,7 +68,7 @@ class FedPreset:
     authors: tuple[str, ...] = ("fedavg", "md_screen")
     authors_alone_rounds: int = 1000
     authors_rounds: int = 20
-    alphas: tuple[float, ...] = (0.5, 0.1)
+    alphas: tuple[float, ...] = (0.5, 0.1)  # Dirichlet α of the non-IID rows
 
     def rows(self) -> list[FedRow]:
         """Per aggregator the attack and its two controls; the unboosted attacker's rows; the unboosted adaptive
