@@ -13,7 +13,7 @@ from utils.io.results import read_jsonl
 from utils.report import plots
 from utils.report.claims import CLAIM_COLUMNS, Claim, Interval, claim_rows, paired_interval, trigger_drop, verdict
 from utils.report.tables import mean_std, write_table
-from utils.sweep.federated import ALONE, HONEST, FedPreset, dirichlet
+from utils.sweep.federated import ALONE, HONEST, FedPreset, aggregator_row, dirichlet
 from utils.sweep.presets import Replicate
 
 Groups = dict[str, dict[Replicate, dict]]  # row label -> replicate -> summary
@@ -138,11 +138,9 @@ def excluded(preset: FedPreset, out: str, label: str, malicious: bool) -> str:
     return f"{zero}/{total} ({100 * zero / total:.0f} %)" if total else ""
 
 
-def split_rows(preset: FedPreset) -> dict[str, str]:
-    """The IID and non-IID label of each aggregator row: {label: split}."""
-    out = {a: "iid" for a in preset.aggregators}
-    out.update({f"{a}, {dirichlet(alpha)}": dirichlet(alpha) for alpha in preset.alphas for a in preset.aggregators})
-    return out
+def split_rows(preset: FedPreset) -> dict[str, tuple[str, float | None]]:
+    """Each aggregator row against the base attacker, IID (α None) and non-IID: {label: (aggregator, α)}."""
+    return {aggregator_row(a, alpha): (a, alpha) for alpha in (None, *preset.alphas) for a in preset.aggregators}
 
 
 def accuracy_gap(row: dict[Replicate, dict] | None, other: dict[Replicate, dict] | None) -> Interval | None:
@@ -158,11 +156,11 @@ def noniid_effects(preset: FedPreset, groups: Groups) -> list[dict]:
     FedAvg's and to the same aggregator's with IID clients, the attack's drop over honest rounds, and each score's
     mean AUROC under the attack (SPEC "Federated learning")."""
     out = []
-    for label, split in split_rows(preset).items():
+    for label, (a, alpha) in split_rows(preset).items():
         if label not in groups:
             continue
-        a, honest = label.split(",")[0], groups.get(label + HONEST)
-        fedavg = "fedavg" if split == "iid" else f"fedavg, {split}"
+        split, honest = ("iid" if alpha is None else dirichlet(alpha)), groups.get(label + HONEST)
+        fedavg = aggregator_row("fedavg", alpha)
         aurocs = {s: [(r["auroc_accumulative"] or {}).get(s) for r in groups[label].values()] for s in SCORE_NAMES}
         out.append({"aggregator": a, "split": split, "label": label,
                     "honest_acc": [100 * (1 - r["err_before_trigger"]) for r in (honest or {}).values()],
@@ -261,7 +259,7 @@ def write_federated_figure(preset: FedPreset, out: str, groups: Groups) -> None:
     if plt is None:
         return
     rep = preset.replicates()[0]
-    iid = [k for k, split in split_rows(preset).items() if split == "iid"] + [k for k in groups if "unboosted" in k]
+    iid = [k for k, (_, alpha) in split_rows(preset).items() if alpha is None] + [k for k in groups if "unboosted" in k]
     rows = {r.label: os.path.join(out, "runs", preset.run_name(r, rep)) for r in preset.rows() if r.label in groups
             and r.label in attack_rows(groups) and r.label in iid}
     fig, ax = plt.subplots(figsize=(8, 4.5))

@@ -108,7 +108,7 @@ class FedPreset:
     def dirichlet_rows(self) -> list[FedRow]:
         """Every aggregator again with non-IID clients: the training set shared by Dirichlet(α) class proportions."""
         return [row for alpha in self.alphas for a in self.aggregators for row in with_controls(
-            f"{a}, {dirichlet(alpha)}", f"{a}_dir{alpha:g}", {"server": {"aggregator": a},
+            aggregator_row(a, alpha), f"{a}_dir{alpha:g}", {"server": {"aggregator": a},
                                                               "clients": {"split": "dirichlet", "alpha": alpha}})]
 
     def replicates(self) -> list[Replicate]:
@@ -128,6 +128,11 @@ class FedPreset:
 def dirichlet(alpha: float) -> str:
     """The label part of a non-IID row."""
     return f"dirichlet α={alpha:g}"
+
+
+def aggregator_row(aggregator: str, alpha: float | None = None) -> str:
+    """The label of an aggregator's row against the base attacker: IID clients (``alpha`` None) or Dirichlet(α)."""
+    return aggregator if alpha is None else f"{aggregator}, {dirichlet(alpha)}"
 
 
 def federated_preset() -> FedPreset:
