@@ -13,8 +13,9 @@ import torch
 
 import online_accu_train
 from utils.attack.attacker import AttackConfig, Attacker, FireWatch
-from utils.attack.craft import (accumulative_target, craft_accumulative_poison, craft_poisoned_trigger,
-                                poison_objective, trigger_alignment)
+from utils.attack.craft import (accumulative_target, alignment_grads, craft_accumulative_poison,
+                                craft_poisoned_trigger, poison_objective, second_order_term, trigger_alignment)
+from utils.core.grads import param_grads
 from utils.errors import UserError
 from utils.fields import replace
 from utils.io.results import read_jsonl
@@ -106,6 +107,69 @@ def test_the_trigger_is_crafted_with_its_own_steps_and_step_size(setting):
     assert torch.equal(c.x_trigger, craft_poisoned_trigger(model, xt, yt, xv, yv, epsilon=0.05, num_steps=4,
                                                            step_size=0.003))
     assert AttackConfig(step_size=0.01).trigger_crafting == (2, 0.01)  # no trigger_step_size: the poisons' step
+
+
+# --- A's gradients, computed once for the next poison ----------------------------------------------------------------
+
+def test_the_alignments_gradients_with_their_graph_are_the_plain_ones_bit_for_bit(setting):
+    model, ((xt, yt), (xv, yv), _, _) = setting
+    g_t, g_v = alignment_grads(model, xt, yt, xv, yv)
+    for kept, plain in ((g_t, param_grads(model, xt, yt)), (g_v, param_grads(model, xv, yv))):
+        assert all(a.requires_grad and torch.equal(a.detach(), b) for a, b in zip(kept, plain))
+    s_kept = second_order_term(model, xt, yt, xv, yv, grads=(g_t, g_v))
+    assert all(torch.equal(a, b) for a, b in zip(s_kept, second_order_term(model, xt, yt, xv, yv)))
+
+
+@pytest.mark.parametrize("mode,objective", [("eval", "reg"), ("train", "reg"), ("eval", "second")])
+def test_a_poison_after_a_at_the_same_weights_is_the_same_poison(setting, mode, objective):
+    """A measured, then a poison at the same θ: the poison equals that of an attacker that never measured A (in eval
+    mode the kept gradients are used up by it; train mode keeps none); A equals ``trigger_alignment``; BN statistics
+    left as found."""
+    model, batches = setting
+    (xt, yt), (xv, yv), (x, y), _ = batches
+    cfg = AttackConfig(epsilon=0.05, craft_mode=mode, objective=objective)
+    measured, fresh = _attacker(cfg, batches), _attacker(cfg, batches)
+    buffers = [b.clone() for b in model.buffers()]
+    value = measured.alignment(model)
+    assert value == measured.alignment(model) == trigger_alignment(model.train(mode == "train"), xt, yt, xv, yv)
+    assert (measured.kept is not None) == (mode == "eval")
+    assert torch.equal(measured.poison(model, x, y), fresh.poison(model, x, y))
+    assert measured.kept is None and all(torch.equal(a, b) for a, b in zip(model.buffers(), buffers))
+    model.eval()
+
+
+def test_kept_gradients_are_not_used_once_the_weights_change(setting):
+    """A learner's step (autograd sees it) or a change through ``.data`` (it does not) after A: the poison is
+    crafted from gradients at the new θ, the poison a fresh attacker crafts there."""
+    model, batches = setting
+    (x, y) = batches[2]
+    saved = [p.detach().clone() for p in model.parameters()]
+    cfg = AttackConfig(epsilon=0.05)
+    try:
+        for change in ("step", "data"):
+            measured, fresh = _attacker(cfg, batches), _attacker(cfg, batches)
+            measured.alignment(model)
+            p = next(model.parameters())
+            if change == "step":
+                torch.optim.SGD(model.parameters(), lr=0.1).step() if p.grad is not None else None
+                with torch.no_grad():
+                    p.add_(0.01)
+            else:
+                p.data.add_(0.01)
+            assert not measured.kept.holds(model, measured.x_trigger)
+            assert torch.equal(measured.poison(model, x, y), fresh.poison(model, x, y))
+    finally:
+        with torch.no_grad():
+            for p, v in zip(model.parameters(), saved):
+                p.copy_(v)
+
+
+def test_no_gradients_are_kept_when_no_poison_needs_them(setting):
+    model, batches = setting
+    for cfg in (AttackConfig(poison=False), AttackConfig(objective="normal"), AttackConfig(craft_mode="train")):
+        a = _attacker(cfg, batches)
+        a.alignment(model)
+        assert a.kept is None
 
 
 # --- when the trigger fires ----------------------------------------------------------------------------------------

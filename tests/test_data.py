@@ -148,6 +148,38 @@ def test_fashion_mnist_real_files(fashion_mnist):
     assert int(data.train.x.min()) == 0 and int(data.train.x.max()) == 255
 
 
+def test_a_dataset_is_loaded_once_while_its_files_are_unchanged(tmp_path):
+    """get_data again: the same splits, not read again; a file rewritten (another size or time): read again, and
+    the new contents are what it returns."""
+    from conftest import write_small_fashion_mnist
+
+    root = write_small_fashion_mnist(str(tmp_path), n_train=300, n_test=100)
+    first = get_data("fashion-mnist", root, "cpu", download=False)
+    assert get_data("fashion-mnist", root, "cpu", download=False) is first
+    write_small_fashion_mnist(root, n_train=200, n_test=100)
+    again = get_data("fashion-mnist", root, "cpu", download=False)
+    assert again is not first and len(again.train) == 200
+    assert torch.equal(again.train.x, first.train.x[:200]) and torch.equal(again.test.y, first.test.y)
+
+
+def test_a_remembered_evaluation_is_the_evaluation_and_follows_the_weights(fashion_mnist):
+    """evaluate_remembered equals evaluate, is computed once per exact model on a split, and a weight change (also
+    one autograd does not see) is another model."""
+    from utils.core.models import build_model, model_spec
+    from utils.core.train import evaluate, evaluate_remembered
+
+    torch.manual_seed(0)
+    split = Split(fashion_mnist.test.x[:500], fashion_mnist.test.y[:500])
+    model = build_model(model_spec("cnn", fashion_mnist.info, width=4))
+    err = evaluate_remembered(model, split, 100)
+    assert err == evaluate(model, split, 100) and len(split.errors) == 1
+    assert evaluate_remembered(model, split, 100) == err and len(split.errors) == 1
+    with torch.no_grad():
+        for p in model.parameters():
+            p.data.mul_(-1.0)
+    assert evaluate_remembered(model, split, 100) == evaluate(model, split, 100) and len(split.errors) == 2
+
+
 # ------------------------------------------------------------------------------------------------ errors
 
 def test_unknown_dataset_lists_known_names(tmp_path):

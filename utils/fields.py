@@ -178,3 +178,9 @@ class Composite:
         hints = typing.get_type_hints(cls)
         return cls(**{k: hints[k](**v) if dataclasses.is_dataclass(hints[k]) else v for k, v in d.items()
                       if k in hints})
+
+
+def with_defaults_for_missing(flat: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """A saved configuration ({dotted.field: value}) with every field it lacks at its default: a field added later
+    keeps, at its default, the behaviour it had before it existed, so the saved one equals today's at it."""
+    return {**{k: v for k, v in defaults.items() if k not in flat}, **flat}

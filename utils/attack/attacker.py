@@ -7,8 +7,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from utils.attack.craft import OBJECTIVES, craft_accumulative_poison, craft_poisoned_trigger, trigger_alignment
-from utils.core.grads import MAX_INNER_STEPS, STEPS_NOTE
+from utils.attack.craft import (OBJECTIVES, alignment_grads, craft_accumulative_poison, craft_poisoned_trigger,
+                                trigger_alignment)
+from utils.core.grads import MAX_INNER_STEPS, STEPS_NOTE, Grads, StateStamp, layerwise_alignment
 from utils.core.stream import mix
 from utils.errors import UserError
 from utils.fields import check_fields, opt
@@ -117,9 +118,25 @@ class FireWatch:
         return {"fire_best_alignment": self.best, "fire_best_batch": self.best_batch}
 
 
+@dataclass
+class KeptGrads:
+    """g_T and g_v (with their graph) and A, as the attacker measured them at a stamped θ and trigger."""
+
+    stamp: StateStamp
+    x_trigger: torch.Tensor
+    grads: tuple[Grads, Grads]
+    value: float
+
+    def holds(self, model: nn.Module, x_trigger: torch.Tensor) -> bool:
+        return x_trigger is self.x_trigger and self.stamp.matches(model)
+
+
 class Attacker:
     """The attacker of SPEC "The attack": a poisoned trigger, and a poison for every arriving batch, crafted
-    with the model in the mode --mode asks for; --poison_scale: only the positions in ``mask``."""
+    with the model in the mode --mode asks for; --poison_scale: only the positions in ``mask``.
+
+    A measured after a learner's step and the next poison's second-order term need g_T and g_v at the same θ:
+    they are computed once (kept with their graph, used up by the poison; the same numbers bit for bit)."""
 
     def __init__(self, cfg: AttackConfig, trigger: tuple[torch.Tensor, torch.Tensor],
                  val: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor, memorized: nn.Module | None = None):
@@ -127,6 +144,10 @@ class Attacker:
         self.x_clean_trigger, self.y_trigger = trigger
         self.x_val, self.y_val = val
         self.x_trigger = self.x_clean_trigger  # the trigger the learner will receive (``craft_trigger``)
+        self.kept: KeptGrads | None = None
+        # the poisons use s; eval mode only: in train mode the forward passes move BN's running statistics, which
+        # their graph holds and which are written back
+        self.keeps_grads = cfg.poison and cfg.objective in ("reg", "second") and cfg.craft_mode == "eval"
 
     def _craft_mode(self, model: nn.Module) -> nn.Module:
         return model.train(self.cfg.craft_mode == "train")
@@ -144,16 +165,27 @@ class Attacker:
         """Step 2: the batch the learner receives (clean under --no_poison)."""
         if not self.cfg.poison:
             return x
-        adv = craft_accumulative_poison(self._craft_mode(model), x, y, self.x_trigger, self.y_trigger, self.x_val,
+        model = self._craft_mode(model)
+        kept, self.kept = self.kept, None
+        grads = kept.grads if kept is not None and kept.holds(model, self.x_trigger) else None
+        adv = craft_accumulative_poison(model, x, y, self.x_trigger, self.y_trigger, self.x_val,
                                         self.y_val, epsilon=self.cfg.epsilon, num_steps=self.cfg.num_steps,
                                         gamma=self.cfg.gamma, objective=self.cfg.objective,
                                         round_sign=self.cfg.round_sign, memorized=self.memorized,
-                                        adaptive_md=self.cfg.adaptive_md, step_size=self.cfg.step_size)
+                                        adaptive_md=self.cfg.adaptive_md, step_size=self.cfg.step_size, grads=grads)
         return mix(adv, x, self.mask)
 
     def alignment(self, model: nn.Module) -> float:
-        """A(g(x_T', y_T), g(x_v, y_v)) at the current θ, in the crafting mode."""
-        return trigger_alignment(self._craft_mode(model), self.x_trigger, self.y_trigger, self.x_val, self.y_val)
+        """A(g(x_T', y_T), g(x_v, y_v)) at the current θ, in the crafting mode (its gradients kept for the next
+        poison when that needs s)."""
+        model = self._craft_mode(model)
+        if not self.keeps_grads:
+            return trigger_alignment(model, self.x_trigger, self.y_trigger, self.x_val, self.y_val)
+        if self.kept is None or not self.kept.holds(model, self.x_trigger):
+            grads = alignment_grads(model, self.x_trigger, self.y_trigger, self.x_val, self.y_val)
+            value = layerwise_alignment(*([g.detach() for g in part] for part in grads)).item()
+            self.kept = KeptGrads(StateStamp(model), self.x_trigger, grads, value)
+        return self.kept.value
 
     def watch(self, model: nn.Module) -> FireWatch:
         """Step 3: the rule for firing the trigger, started once the trigger is crafted (A at the start: the

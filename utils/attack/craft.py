@@ -56,20 +56,37 @@ def craft_poisoned_trigger(model: nn.Module, x_trigger: torch.Tensor, y_trigger:
     return x_adv.detach()
 
 
-def second_order_term(model: nn.Module, x_trigger: torch.Tensor, y_trigger: torch.Tensor,
-                      x_val: torch.Tensor, y_val: torch.Tensor) -> Grads:
-    """s = ∇_θ A(g(x_T', y_T; θ), g(x_v, y_v; θ)) per parameter tensor (SPEC "The attack", step 2)."""
+def _graph_grads(model: nn.Module, x_trigger: torch.Tensor, y_trigger: torch.Tensor,
+                 x_val: torch.Tensor, y_val: torch.Tensor) -> tuple[Grads, Grads]:
+    return (param_grads(model, x_trigger, y_trigger, create_graph=True),
+            param_grads(model, x_val, y_val, create_graph=True))
+
+
+def alignment_grads(model: nn.Module, x_trigger: torch.Tensor, y_trigger: torch.Tensor,
+                    x_val: torch.Tensor, y_val: torch.Tensor) -> tuple[Grads, Grads]:
+    """g(x_T, y_T; θ) and g(x_v, y_v; θ), differentiable in θ: what A and its gradient s are made of (SPEC "The
+    attack", steps 1-2); the values of ``param_grads`` bit for bit. In train mode the graph holds BN statistics
+    that are written back afterwards: use it in eval mode only."""
     with preserved_state(model):
-        g_t = param_grads(model, x_trigger, y_trigger, create_graph=True)
-        g_v = param_grads(model, x_val, y_val, create_graph=True)
+        return _graph_grads(model, x_trigger, y_trigger, x_val, y_val)
+
+
+def second_order_term(model: nn.Module, x_trigger: torch.Tensor, y_trigger: torch.Tensor,
+                      x_val: torch.Tensor, y_val: torch.Tensor, *,
+                      grads: tuple[Grads, Grads] | None = None) -> Grads:
+    """s = ∇_θ A(g(x_T', y_T; θ), g(x_v, y_v; θ)) per parameter tensor (SPEC "The attack", step 2); ``grads``:
+    ``alignment_grads`` at this θ when already computed (their graph is used up)."""
+    with preserved_state(model):
+        g_t, g_v = grads if grads is not None else _graph_grads(model, x_trigger, y_trigger, x_val, y_val)
         c = layerwise_alignment(g_t, g_v)
         return [s.detach() for s in torch.autograd.grad(c, trainable_params(model))]
 
 
 def accumulative_target(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_trigger: torch.Tensor,
                         y_trigger: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor, *,
-                        gamma: float = 1.0, objective: str = "reg") -> Grads:
-    """v_l = γ·nrm(g_t,l) + nrm(s_l) ("reg"), γ·nrm(g_t,l) ("normal") or nrm(s_l) ("second") (SPEC step 2)."""
+                        gamma: float = 1.0, objective: str = "reg", grads: tuple[Grads, Grads] | None = None) -> Grads:
+    """v_l = γ·nrm(g_t,l) + nrm(s_l) ("reg"), γ·nrm(g_t,l) ("normal") or nrm(s_l) ("second") (SPEC step 2);
+    ``grads``: ``alignment_grads`` at this θ when already computed."""
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     parts: list[Grads] = []
@@ -77,7 +94,7 @@ def accumulative_target(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_tr
         with preserved_state(model):
             parts.append([gamma * g for g in normalize_layers(param_grads(model, x, y))])
     if objective in ("reg", "second"):
-        parts.append(normalize_layers(second_order_term(model, x_trigger, y_trigger, x_val, y_val)))
+        parts.append(normalize_layers(second_order_term(model, x_trigger, y_trigger, x_val, y_val, grads=grads)))
     if len(parts) == 1:
         return parts[0]
     return [a + b for a, b in zip(*parts)]
@@ -100,13 +117,15 @@ def craft_accumulative_poison(model: nn.Module, x: torch.Tensor, y: torch.Tensor
                               epsilon: float = 0.2, num_steps: int = 2, gamma: float = 1.0,
                               objective: str = "reg", round_sign: bool = False,
                               target: Grads | None = None, memorized: nn.Module | None = None,
-                              adaptive_md: float = 0.0, step_size: float = 0.0) -> torch.Tensor:
+                              adaptive_md: float = 0.0, step_size: float = 0.0,
+                              grads: tuple[Grads, Grads] | None = None) -> torch.Tensor:
     """K signed steps of size α (``step_length``: 2ε/K unless ``step_size``) that raise J(x') − λ·mean MD(x')
     (SPEC "The attack", step 2; λ > 0: the adaptive attacker of SPEC "Detectors", which needs the ``memorized``
     model).
 
     The target (which holds the second-order term) is computed once per call, before the steps; pass
-    ``target`` to reuse one already computed by ``accumulative_target``.
+    ``target`` to reuse one already computed by ``accumulative_target``, or ``grads`` (``alignment_grads`` at
+    this θ) to reuse the trigger's and the validation batch's gradients.
     """
     check_budget(epsilon, num_steps)
     if adaptive_md and memorized is None:
@@ -114,7 +133,7 @@ def craft_accumulative_poison(model: nn.Module, x: torch.Tensor, y: torch.Tensor
     step = step_length(epsilon, num_steps, step_size)
     if target is None:
         target = accumulative_target(model, x, y, x_trigger, y_trigger, x_val, y_val,
-                                     gamma=gamma, objective=objective)
+                                     gamma=gamma, objective=objective, grads=grads)
     x0 = x.detach()
     x_adv = x0.clone()
     with preserved_state(model):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
@@ -46,10 +46,12 @@ def dataset_info(name: str) -> DatasetInfo:
 
 @dataclass
 class Split:
-    """One split as tensors: images uint8 (N, C, H, W), labels int64 (N,), on one device."""
+    """One split as tensors: images uint8 (N, C, H, W), labels int64 (N,), on one device; ``errors``: test errors
+    already measured on it (``utils.core.train.evaluate_remembered``)."""
 
     x: torch.Tensor
     y: torch.Tensor
+    errors: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.y)
@@ -175,12 +177,34 @@ class Data:
     test: Split
 
 
+_LOADED: dict[tuple, tuple[tuple, Data]] = {}  # get_data's last loads, while their files are unchanged
+LOADED_KEEP = 2
+
+
+def files_stamp(root: str) -> tuple:
+    """Every file under ``root`` with its size and modification time: a load stays valid while this holds."""
+    return tuple(sorted((os.path.join(d, f), st.st_size, st.st_mtime_ns) for d, _, files in os.walk(root)
+                        for f in files for st in [os.stat(os.path.join(d, f))]))
+
+
 def get_data(name: str, root: str = "data", device: torch.device | str = "cpu", download: bool = True) -> Data:
-    """Train and test splits of a dataset by name (cifar10, cifar100, svhn, fashion-mnist), on the device."""
+    """Train and test splits of a dataset by name (cifar10, cifar100, svhn, fashion-mnist), on the device.
+
+    Loaded once per process while the files under ``root`` stay as they were (the runs of a sweep share it; nothing
+    writes into a split)."""
     info = dataset_info(name)
+    key = (name, os.path.abspath(root), str(torch.device(device)))
+    found = _LOADED.get(key)
+    if found is not None and found[0] == files_stamp(root):
+        return found[1]
     train = load_split(name, root, True, download).to(device)
     test = load_split(name, root, False, download).to(device)
-    return Data(info, train, test)
+    data = Data(info, train, test)
+    _LOADED.pop(key, None)
+    while len(_LOADED) >= LOADED_KEEP:
+        _LOADED.pop(next(iter(_LOADED)))
+    _LOADED[key] = (files_stamp(root), data)
+    return data
 
 
 def train_loader(data: Data, batch_size: int, generator: torch.Generator) -> BatchLoader:

@@ -76,7 +76,8 @@ def eval_mode(*models: nn.Module) -> Iterator[None]:
 
 @contextlib.contextmanager
 def preserved_state(model: nn.Module) -> Iterator[None]:
-    """Leave the model as found: its train/eval mode per module and its buffers (BN running statistics)."""
+    """Leave the model as found: its train/eval mode per module and its buffers (BN running statistics; only those
+    that changed are written back, so a graph that saved an unchanged buffer stays usable)."""
     modes = [m.training for m in model.modules()]
     buffers = [b.detach().clone() for b in model.buffers()]
     try:
@@ -86,4 +87,26 @@ def preserved_state(model: nn.Module) -> Iterator[None]:
             m.training = mode
         with torch.no_grad():
             for b, saved in zip(model.buffers(), buffers):
-                b.copy_(saved)
+                if not torch.equal(b, saved):
+                    b.copy_(saved)
+
+
+class StateStamp:
+    """What a model computes with, as of now: each module's mode, each parameter's and buffer's identity and
+    in-place version (a graph through them stays usable only while those hold) and a copy of their values (a
+    change autograd does not see, e.g. through ``.data``, counts too)."""
+
+    def __init__(self, model: nn.Module):
+        self.modes = [m.training for m in model.modules()]
+        self.versions = self._versions(model)
+        self.values = [t.detach().clone() for t in (*model.parameters(), *model.buffers())]
+
+    @staticmethod
+    def _versions(model: nn.Module) -> list[tuple[int, int]]:
+        return [(id(t), t._version) for t in (*model.parameters(), *model.buffers())]
+
+    def matches(self, model: nn.Module) -> bool:
+        """The model still computes exactly as when stamped."""
+        return (self.modes == [m.training for m in model.modules()] and self.versions == self._versions(model)
+                and all(torch.equal(t.detach(), v) for t, v in zip((*model.parameters(), *model.buffers()),
+                                                                     self.values)))

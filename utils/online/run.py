@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from utils.attack.attacker import Attacker, FireWatch
 from utils.core.stream import Arrival
-from utils.core.train import environment, evaluate
+from utils.core.train import environment, evaluate, evaluate_remembered
 from utils.defense import defenders
 from utils.defense.defenders import Defender, DefenderInputs
 from utils.detect import measure
@@ -64,8 +64,11 @@ class OnlineRun:
         self.noise_generator = torch.Generator().manual_seed(ctx.cfg.run.seed + 1)  # the stream's draws stay put
 
     def evaluate(self, full: bool = False) -> float:
-        split = self.ctx.data.test if full else self.ctx.eval_split
-        return evaluate(self.ctx.model, split, self.ctx.cfg.eval.eval_batch_size)
+        """The test error on the run's evaluation split, or (``full``) on the whole test set, remembered per exact
+        model (a burn-in's runs share their first; a phase that changed nothing, its last)."""
+        if full:
+            return evaluate_remembered(self.ctx.model, self.ctx.data.test, self.ctx.cfg.eval.eval_batch_size)
+        return evaluate(self.ctx.model, self.ctx.eval_split, self.ctx.cfg.eval.eval_batch_size)
 
     def step(self, t: int, batches: Iterator) -> dict:
         """One arriving batch: draw, poison, measure, defend, evaluate, measure again (SPEC "Phase 2")."""

@@ -15,6 +15,7 @@ from typing import Any
 
 from utils.burnin.config import LEGACY_ARGS
 from utils.core.checkpoint import load_checkpoint
+from utils.fields import with_defaults_for_missing
 from utils.io.results import read_json, read_jsonl
 from utils.online.config import OnlineConfig
 
@@ -146,7 +147,7 @@ def with_legacy_settings(published: dict[str, Any], mine: dict[str, Any]) -> dic
     the behaviour it had before the field existed), so a setting added later at that value is no difference."""
     legacy = {f"burn_in.{k}": v for k, v in LEGACY_ARGS.items() if f"burn_in.{k}" in mine}
     online = {k: v for k, v in plain({"base": OnlineConfig().to_dict()}).items() if k in mine}
-    return {**online, **legacy, **published}
+    return with_defaults_for_missing({**legacy, **published}, online)
 
 
 def compare(mine: dict, published: dict) -> Comparison:

@@ -12,6 +12,7 @@ from utils.burnin.config import SAME_ON_RESUME, BurnInConfig, checkpoint_args
 from utils.burnin.run import run_burn_in
 from utils.core.checkpoint import load_checkpoint
 from utils.errors import UserError
+from utils.fields import with_defaults_for_missing
 from utils.io.results import FolderLock, read_json
 from utils.online.config import OnlineConfig, replace
 from utils.online.run import run_online
@@ -54,10 +55,8 @@ def config_diff(saved: dict, wanted: dict, ignore: tuple[str, ...] = ()) -> list
 def with_new_defaults(saved: dict, cfg: Any) -> dict:
     """A saved configuration with the fields added since it was written at their defaults (a new field's default
     keeps the behaviour it had before the field existed), so those runs are still reused."""
-    defaults, flat = flatten(type(cfg)().to_dict()), flatten(saved)
-    if not flat:
-        return saved
-    return {**{k: v for k, v in defaults.items() if k not in flat}, **flat}
+    flat = flatten(saved)
+    return with_defaults_for_missing(flat, flatten(type(cfg)().to_dict())) if flat else saved
 
 
 def finished_summary(cfg: OnlineConfig, fresh: bool) -> dict | None:
