@@ -85,7 +85,7 @@ def add_tune_flags(p: argparse.ArgumentParser) -> None:
                    f"({', '.join(tune.DEFENCES)}; MD is judged on ST's runs) with Optuna on the search replicates, "
                    f"then confirm the front's chosen points on held-out replicates; replaces --preset")
     g.add_argument("--trials", type=int, default=None, metavar="N", help=f"--tune: the study's trials in all (a "
-                   f"resumed study runs the missing ones; default: about an hour on 2 cores, "
+                   f"resumed study runs the missing ones; default, 11-22 minutes on 2 cores: "
                    f"{', '.join(f'{d} {n}' for d, n in tune.DEFAULT_TRIALS.items())}; --smoke {tune.SMOKE_TRIALS})")
     g.add_argument("--storage", default=None, metavar="URL", help="--tune: the Optuna storage (default: "
                    "sqlite:///<--out>/<DEFENCE>/study.db); an RDB URL or journal:FILE to share one study between "

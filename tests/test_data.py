@@ -156,6 +156,9 @@ def test_a_dataset_is_loaded_once_while_its_files_are_unchanged(tmp_path):
     root = write_small_fashion_mnist(str(tmp_path), n_train=300, n_test=100)
     first = get_data("fashion-mnist", root, "cpu", download=False)
     assert get_data("fashion-mnist", root, "cpu", download=False) is first
+    with open(os.path.join(root, "another_dataset.bin"), "wb") as f:  # only the dataset's own folder counts
+        f.write(b"x")
+    assert get_data("fashion-mnist", root, "cpu", download=False) is first
     write_small_fashion_mnist(root, n_train=200, n_test=100)
     again = get_data("fashion-mnist", root, "cpu", download=False)
     assert again is not first and len(again.train) == 200

@@ -181,21 +181,28 @@ _LOADED: dict[tuple, tuple[tuple, Data]] = {}  # get_data's last loads, while th
 LOADED_KEEP = 2
 
 
-def files_stamp(root: str) -> tuple:
-    """Every file under ``root`` with its size and modification time: a load stays valid while this holds."""
-    return tuple(sorted((os.path.join(d, f), st.st_size, st.st_mtime_ns) for d, _, files in os.walk(root)
+# the folder under --dataroot where torchvision's class for each dataset reads its files (``_torchvision_split``)
+DATA_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python", "svhn": "svhn",
+                "fashion-mnist": "FashionMNIST"}
+
+
+def files_stamp(name: str, root: str) -> tuple:
+    """Every file of a dataset's folder under ``root`` with its size and modification time: a load stays valid
+    while this holds (only that folder is listed, however much else ``root`` holds)."""
+    folder = os.path.join(root, DATA_FOLDERS[name])
+    return tuple(sorted((os.path.join(d, f), st.st_size, st.st_mtime_ns) for d, _, files in os.walk(folder)
                         for f in files for st in [os.stat(os.path.join(d, f))]))
 
 
 def get_data(name: str, root: str = "data", device: torch.device | str = "cpu", download: bool = True) -> Data:
     """Train and test splits of a dataset by name (cifar10, cifar100, svhn, fashion-mnist), on the device.
 
-    Loaded once per process while the files under ``root`` stay as they were (the runs of a sweep share it; nothing
-    writes into a split)."""
+    Loaded once per process while the dataset's files under ``root`` stay as they were (the runs of a sweep share
+    it; nothing writes into a split)."""
     info = dataset_info(name)
     key = (name, os.path.abspath(root), str(torch.device(device)))
     found = _LOADED.get(key)
-    if found is not None and found[0] == files_stamp(root):
+    if found is not None and found[0] == files_stamp(name, root):
         return found[1]
     train = load_split(name, root, True, download).to(device)
     test = load_split(name, root, False, download).to(device)
@@ -203,7 +210,7 @@ def get_data(name: str, root: str = "data", device: torch.device | str = "cpu", 
     _LOADED.pop(key, None)
     while len(_LOADED) >= LOADED_KEEP:
         _LOADED.pop(next(iter(_LOADED)))
-    _LOADED[key] = (files_stamp(root), data)
+    _LOADED[key] = (files_stamp(name, root), data)
     return data
 
 

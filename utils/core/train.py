@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from utils.core.checkpoint import weights_digest
 from utils.core.data import BatchLoader, Split
 from utils.core.distributed import Dist, all_sum, shard
 from utils.core.models import memory_format
@@ -174,14 +175,11 @@ def _largest_output_bytes(model: nn.Module, x: torch.Tensor) -> int:
 
 @torch.inference_mode()
 def model_fingerprint(model: nn.Module) -> str:
-    """SHA-256 of what a model computes with: its structure, and every parameter's and buffer's name, dtype, shape,
-    strides (the memory layout) and bytes, non-persistent buffers included."""
-    h = hashlib.sha256(repr(model).encode())
-    for name, t in (*model.named_parameters(), *model.named_buffers()):
-        t = t.detach()
-        h.update(f"|{name}|{t.dtype}|{tuple(t.shape)}|{t.stride()}|".encode())
-        h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    """SHA-256 of what a model computes with: its structure, every parameter's and buffer's strides (the memory
+    layout), and their names, dtypes, shapes and bytes (``weights_digest``), non-persistent buffers included."""
+    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    layout = "|".join(f"{name}{tuple(t.stride())}" for name, t in tensors.items())
+    return hashlib.sha256(f"{model!r}|{layout}|{weights_digest(tensors)}".encode()).hexdigest()
 
 
 def evaluate_remembered(model: nn.Module, split: Split, batch_size: int = 1000) -> float:

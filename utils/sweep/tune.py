@@ -37,8 +37,8 @@ CONTROL = "ST_trigger_alone"  # the trigger alone (no stream), on an undefended 
 SEARCH_BURN_INS, SEARCH_SEEDS = (5, 6), (30,)
 SEED = 29  # the sampler's seed (plus the number of trials the study already has, so a resumed study draws anew)
 SMOKE_TRIALS = 2
-# The default budget per defence: about an hour on 2 cores (docs/TUNING.md, "Budget": trials x 2 replicates x the
-# seconds a trial's two runs take on the search replicates, measured per defence).
+# The default budget per defence, the one the published fronts were made with: 11-22 minutes on 2 cores, measured
+# (docs/TUNING.md, "Budget"); more trials on the 2 search replicates overfit them (measured there too).
 DEFAULT_TRIALS = {"ST": 36, "DSC": 48, "DSC_calibrated": 44, "AT_authors": 32}
 SPACE_VERSION = 1  # bump when SPACE changes: a study of another space is refused, not mixed
 
