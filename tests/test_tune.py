@@ -9,6 +9,7 @@ import csv
 import dataclasses
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -200,6 +201,34 @@ def test_a_trial_a_killed_process_left_running_is_taken_up(tmp_path, monkeypatch
     rows = _search(tmp_path, monkeypatch, FakeRuns(), 2)
     states = [t.state.name for t in optuna.load_study(study_name="tune_ST_cpu_smoke", storage=storage).trials]
     assert states == ["COMPLETE", "FAIL", "COMPLETE"] and rows[1]["params"] == left.params and params
+
+
+def test_a_study_whose_disk_fills_is_one_error_then_the_same_command_finishes(small_disk, monkeypatch):
+    """A real full disk under the study's SQLite file: one UserError naming the file and what to do (not Optuna's
+    traceback); freed, the same search goes on from the trials it kept, to the number asked for."""
+    root, runs = pathlib.Path(small_disk.path), FakeRuns()
+    assert len(_search(root, monkeypatch, runs, 1)) == 1
+    small_disk.fill(leave=0)
+    with pytest.raises(UserError, match=r"study\.db.*free some space .* run the same command again"):
+        _search(root, monkeypatch, runs, 3)
+    small_disk.free()
+    rows = _search(root, monkeypatch, runs, 3)
+    assert len(rows) == 3 and rows[0]["authors"] and all(r["state"] == "COMPLETE" for r in rows)
+
+
+def test_only_a_storage_failure_is_reworded():
+    error = optuna.exceptions.StorageInternalError("commit failed")
+    error.__cause__ = OSError("database or disk is full")
+    try:
+        try:
+            raise error
+        except optuna.exceptions.StorageInternalError:
+            raise AssertionError("Should not reach.")  # what Optuna's optimize raises on top of it
+    except AssertionError as top:
+        assert tune.storage_failure(top) == "database or disk is full"
+    assert tune.storage_failure(ValueError("a bug")) is None
+    with pytest.raises(ValueError, match="a bug"), tune.storage_errors("study.db"):
+        raise ValueError("a bug")
 
 
 def test_a_journal_storage_holds_a_shareable_study(tmp_path, monkeypatch):

@@ -13,6 +13,7 @@ claims' own).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -20,9 +21,9 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
-from utils.errors import UserError
+from utils.errors import UserError, disk_full_message
 from utils.io.results import FolderLock, ensure_dir
 from utils.sweep.ablation import reuse_across_steps
 from utils.sweep.overrides import with_overrides
@@ -307,25 +308,57 @@ def run_search(defence: str, search: Preset, folder: str, trials: int, storage_u
     ensure_dir(folder)
     storage, own = open_storage(storage_url, folder)
     search_burn_ins(search, fresh)
-    study = open_study(defence, search, storage)
-    taken = take_up_interrupted(study, storage, own)
-    done = sum(counted(t) for t in study.get_trials(deepcopy=False))
-    print(f"tune {defence}: {done} of {trials} trials done ({taken} interrupted one(s) taken up again), study in "
-          f"{storage_url or os.path.join(folder, 'study.db')}", flush=True)
-    row, control = label_of(search, defence), label_of(search, CONTROL)
+    where = storage_url or os.path.join(folder, "study.db")
+    with storage_errors(where):
+        study = open_study(defence, search, storage)
+        taken = take_up_interrupted(study, storage, own)
+        done = sum(counted(t) for t in study.get_trials(deepcopy=False))
+        print(f"tune {defence}: {done} of {trials} trials done ({taken} interrupted one(s) taken up again), study "
+              f"in {where}", flush=True)
+        row, control = label_of(search, defence), label_of(search, CONTROL)
 
-    def objective(trial: Any) -> tuple[float, float]:
-        groups, _ = trial_runs(trial, search, folder, fresh)
-        effect, cost = values(groups, row, control)
-        if not (math.isfinite(effect) and math.isfinite(cost)):
-            trial.set_user_attr("fail_reason", "no paired replicate measured")
-            raise TrialFailed("no paired replicate measured")
-        return effect, cost
+        def objective(trial: Any) -> tuple[float, float]:
+            groups, _ = trial_runs(trial, search, folder, fresh)
+            effect, cost = values(groups, row, control)
+            if not (math.isfinite(effect) and math.isfinite(cost)):
+                trial.set_user_attr("fail_reason", "no paired replicate measured")
+                raise TrialFailed("no paired replicate measured")
+            return effect, cost
 
-    if trials > done:
-        study.optimize(objective, n_trials=trials - done, catch=(TrialFailed,),
-                       callbacks=[progress(defence, trials, stealth_points, time.time())])
-    return trial_rows(study)
+        if trials > done:
+            study.optimize(objective, n_trials=trials - done, catch=(TrialFailed,),
+                           callbacks=[progress(defence, trials, stealth_points, time.time())])
+        return trial_rows(study)
+
+
+def storage_failure(e: BaseException | None) -> str | None:
+    """Why the study's storage refused a write (an Optuna StorageInternalError in the exception's chain: a full
+    disk, a lost database server), in its driver's words; None for any other failure."""
+    while e is not None:
+        if isinstance(e, import_optuna().exceptions.StorageInternalError):
+            cause = e.__cause__
+            return str(getattr(cause, "orig", None) or cause or e).splitlines()[0]
+        e = e.__cause__ or e.__context__
+    return None
+
+
+@contextlib.contextmanager
+def storage_errors(where: str) -> Iterator[None]:
+    """A write the study's storage refuses is one UserError saying what to do; the trials that answered are in it,
+    and the one that was running is taken up again by the same command."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as e:
+        reason = storage_failure(e)
+        if reason is None:
+            raise
+        if "full" in reason:
+            raise UserError(disk_full_message(where, reason)) from None
+        raise UserError(f"the study's storage {where!r} refused a write ({reason}); fix it and run the same command "
+                        f"again (the trials that answered are kept, the one that was running is taken up "
+                        f"again)") from None
 
 
 def trial_rows(study: Any) -> list[dict]:
